@@ -1,0 +1,167 @@
+"""One autograd Function for batch norm with shrunk statistics, local or synchronized.
+
+Forward: per-channel count, mean and sum of squared deviations (M2) of the local batch;
+with a process group, one ``all_gather`` of those and an exact pairwise merge (Chan et
+al.), never E[x^2] - E[x]^2, which cancels catastrophically in float32 for inputs with a
+large mean. The estimator maps the global (mean, var, count) to the statistics used.
+
+Backward (closed form, no autograd graph over the full tensor): with xhat the normalized
+input and g the output gradient, the loss depends on the used statistics only through the
+per-channel sums S_g = sum g and S_gx = sum g * xhat:
+
+    dL/dmu  = -w invstd S_g,        dL/dvar = -w invstd^2 S_gx / 2.
+
+Those sums are all-reduced (one collective), the estimator's vector-Jacobian product on
+the C-vectors gives dL/dm and dL/dv of the batch statistics, and
+
+    dL/dx = g w invstd + dL/dm / N + 2 dL/dv (x - m) / N.
+
+Statistics are computed in float32 (float64 for float64 input) whatever the input dtype,
+so fp16/bf16 inputs under autocast are normalized with full-precision statistics.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .estimators import Estimator
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor):
+    return [0] + list(range(2, x.dim()))
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """A C-vector shaped to broadcast against x (N, C, ...)."""
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def local_moments(x: Tensor):
+    """(count, mean, M2) of each channel of x in the statistics dtype; count is an int."""
+    c = x.size(1)
+    n = x.numel() // c if c else 0
+    sdt = stat_dtype(x.dtype)
+    if n == 0:
+        zeros = torch.zeros(c, dtype=sdt, device=x.device)
+        return 0, zeros, zeros.clone()
+    var, mean = torch.var_mean(x.to(sdt), dim=_reduce_dims(x), correction=0)
+    return n, mean, var * n
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor):
+    """Exact merge of per-rank (count (W,), mean (W, C), M2 (W, C)) into (N, mean, var)."""
+    n = counts.sum()
+    w = counts / n.clamp_min(1)
+    mean = (w[:, None] * means).sum(0)
+    m2 = (m2s + counts[:, None] * (means - mean).square()).sum(0)
+    return n, mean, m2 / n.clamp_min(1)
+
+
+def _gather_moments(n_local: int, mean: Tensor, m2: Tensor, group):
+    """One collective: all ranks' (count, mean, M2) packed in one tensor."""
+    c = mean.numel()
+    packed = torch.cat([mean.new_full((1,), float(n_local)), mean, m2])
+    world = dist.get_world_size(group)
+    out = packed.new_empty(world * (2 * c + 1))
+    dist.all_gather_into_tensor(out, packed, group=group)
+    out = out.view(world, 2 * c + 1)
+    return merge_moments(out[:, 0], out[:, 1:c + 1], out[:, c + 1:])
+
+
+class ShrunkBatchNormFunction(torch.autograd.Function):
+    """y = weight * (x - mu) / sqrt(var + eps) + bias with (mu, var) = estimator(m, v, N).
+
+    ``running_mean``/``running_var`` (or None) are updated in place with
+    ``avg_factor`` from the statistics actually used (variance times N/(N-1)).
+    ``group`` is None for local statistics or the process group to synchronize over.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                estimator: Estimator, eps: float, avg_factor: float, group) -> Tensor:
+        n_local, mean_l, m2_l = local_moments(x)
+        if group is None:
+            n = float(n_local)
+            m, v = mean_l, m2_l / max(n_local, 1)
+        else:
+            n, m, v = _gather_moments(n_local, mean_l, m2_l, group)
+        with torch.no_grad():
+            mu, var = estimator(m, v, n)
+        invstd = torch.rsqrt(var + eps)
+
+        if running_mean is not None and avg_factor > 0:
+            # A global count of 1 is only possible across ranks (checked locally otherwise).
+            bessel = n / (n - 1) if group is None else n / (n - 1).clamp_min(1)
+            running_mean.lerp_(mu.to(running_mean.dtype), avg_factor)
+            running_var.lerp_((var * bessel).to(running_var.dtype), avg_factor)
+
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        y = (x.to(mu.dtype) - _bcast(mu, x)) * _bcast(scale, x)
+        if bias is not None:
+            y = y + _bcast(bias.to(mu.dtype), x)
+        y = y.to(x.dtype)
+
+        ctx.save_for_backward(x, weight, m, v, mu, invstd)
+        ctx.n, ctx.estimator, ctx.group = n, estimator, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, weight, m, v, mu, invstd = ctx.saved_tensors
+        n, group = ctx.n, ctx.group
+        sdt = mu.dtype
+        dims = _reduce_dims(x)
+        g = grad_out.to(sdt)
+        xs = x.to(sdt)
+        if x.numel():
+            xhat = (xs - _bcast(mu, x)) * _bcast(invstd, x)
+            sum_g = g.sum(dims)
+            sum_gx = (g * xhat).sum(dims)
+        else:
+            sum_g = torch.zeros_like(mu)
+            sum_gx = torch.zeros_like(mu)
+        grad_weight = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if group is not None:
+                sums = torch.cat([sum_g, sum_gx])
+                dist.all_reduce(sums, group=group)
+                sum_g, sum_gx = sums.chunk(2)
+            w = invstd if weight is None else invstd * weight.to(sdt)
+            d_mu = -w * sum_g
+            d_var = -0.5 * w * invstd * sum_gx
+            dm, dv = _estimator_vjp(ctx.estimator, m, v, n, d_mu, d_var)
+            grad_x = g * _bcast(w, x) + _bcast(dm / n, x) + (xs - _bcast(m, x)) * _bcast(2 * dv / n, x)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
+    """(dL/dm, dL/dv) from (dL/dmu, dL/dvar) through the estimator, on the C-vectors."""
+    with torch.enable_grad():
+        m_ = m.detach().requires_grad_()
+        v_ = v.detach().requires_grad_()
+        mu, var = estimator(m_, v_, n)
+        dm, dv = torch.autograd.grad((mu, var), (m_, v_), (d_mu, d_var), allow_unused=True)
+    return (torch.zeros_like(m) if dm is None else dm), (torch.zeros_like(v) if dv is None else dv)
+
+
+def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      estimator: Estimator, eps: float = 1e-5, avg_factor: float = 0.0,
+                      group=None) -> Tensor:
+    """Functional form of :class:`ShrunkBatchNormFunction` (always batch statistics)."""
+    return ShrunkBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+                                         estimator, eps, avg_factor, group)

@@ -1,0 +1,125 @@
+"""James-Stein batch norm layers: JSBN1d/2d/3d and SyncJSBN.
+
+They subclass torch's ``_BatchNorm`` and keep its parameter and buffer names, so BN
+checkpoints load unchanged and mmengine/mmcv treat them as BN (weight decay multipliers,
+``norm_eval``, ``is_norm``). ``estimator='none'`` is exactly torch BatchNorm.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .estimators import get_estimator
+from .functional import shrunk_batch_norm
+
+EVAL_STATS = ('running', 'batch')
+
+
+class _JSBatchNorm(_BatchNorm):
+    _abbr_ = 'bn'  # mmcv's build_norm_layer names layers bn1, bn2, ... (checkpoint keys)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, estimator: str = 'paper',
+                 eval_stats: str = 'running', device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._estimator_fn = get_estimator(estimator)
+        if eval_stats not in EVAL_STATS:
+            raise ValueError(f'eval_stats must be one of {EVAL_STATS}, got {eval_stats!r}')
+        self.estimator = estimator
+        self.eval_stats = eval_stats
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, estimator={self.estimator!r}, eval_stats={self.eval_stats!r}'
+
+    def _sync_group(self):
+        """The process group to synchronize statistics over, or None for local statistics."""
+        return None
+
+    def _avg_factor(self) -> float:
+        # Same bookkeeping as _BatchNorm.forward (momentum=None: cumulative average).
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if x.size(1) != self.num_features:
+            raise ValueError(f'{type(self).__name__} expected {self.num_features} channels '
+                             f'(dim 1), got input of shape {tuple(x.shape)}')
+        use_batch_stats = (self.training or self.running_mean is None
+                           or self.eval_stats == 'batch')
+        if not use_batch_stats:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+
+        group = self._sync_group()
+        if group is None and x.numel() // x.size(1) <= 1:
+            raise ValueError('Expected more than 1 value per channel when using batch '
+                             f'statistics, got input size {tuple(x.shape)}')
+        avg_factor = self._avg_factor()
+        update = avg_factor > 0 and self.running_mean is not None
+        return shrunk_batch_norm(x, self.weight, self.bias,
+                                 self.running_mean if update else None,
+                                 self.running_var if update else None,
+                                 self._estimator_fn, self.eps, avg_factor, group)
+
+
+class JSBN1d(_JSBatchNorm):
+    """James-Stein BatchNorm over (N, C) or (N, C, L) input."""
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3):
+            raise ValueError(f'expected 2D or 3D input (got {x.dim()}D input)')
+
+
+class JSBN2d(_JSBatchNorm):
+    """James-Stein BatchNorm over (N, C, H, W) input."""
+
+    def _check_input_dim(self, x):
+        if x.dim() != 4:
+            raise ValueError(f'expected 4D input (got {x.dim()}D input)')
+
+
+class JSBN3d(_JSBatchNorm):
+    """James-Stein BatchNorm over (N, C, D, H, W) input."""
+
+    def _check_input_dim(self, x):
+        if x.dim() != 5:
+            raise ValueError(f'expected 5D input (got {x.dim()}D input)')
+
+
+class SyncJSBN(_JSBatchNorm):
+    """James-Stein BatchNorm with statistics over all ranks of ``process_group``.
+
+    Exactly JS-BN on the concatenation of all ranks' batches (uneven and empty per-rank
+    batches included). Without an initialized process group, or with one rank, it is
+    JSBN, so single-GPU and CPU runs need no conversion. Any input with >= 2 dims.
+    Unlike torch's SyncBatchNorm it runs on CPU with gloo, and it is deliberately not an
+    ``nn.SyncBatchNorm`` subclass, so mmengine's ``revert_sync_batchnorm`` keeps it.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, estimator: str = 'paper',
+                 eval_stats: str = 'running', process_group=None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, estimator,
+                         eval_stats, device, dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f'expected at least 2D input (got {x.dim()}D input)')
+
+    def _sync_group(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
