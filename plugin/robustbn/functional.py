@@ -21,10 +21,12 @@ so fp16/bf16 inputs under autocast are normalized with full-precision statistics
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from .estimators import Estimator
@@ -75,6 +77,14 @@ def _gather_moments(n_local: int, mean: Tensor, m2: Tensor, group):
     return merge_moments(out[:, 0], out[:, 1:c + 1], out[:, c + 1:])
 
 
+def _no_autocast(x: Tensor):
+    """Autocast off: statistics are float32/float64 by construction, the output x's dtype."""
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 class ShrunkBatchNormFunction(torch.autograd.Function):
     """y = weight * (x - mu) / sqrt(var + eps) + bias with (mu, var) = estimator(m, v, N).
 
@@ -87,6 +97,13 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 estimator: Estimator, eps: float, avg_factor: float, group) -> Tensor:
+        with _no_autocast(x):
+            return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, running_mean,
+                                                    running_var, estimator, eps, avg_factor, group)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, running_mean, running_var, estimator, eps, avg_factor,
+                 group) -> Tensor:
         n_local, mean_l, m2_l = local_moments(x)
         if group is None:
             n = float(n_local)
@@ -95,7 +112,6 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             n, m, v = _gather_moments(n_local, mean_l, m2_l, group)
         with torch.no_grad():
             mu, var = estimator(m, v, n)
-        invstd = torch.rsqrt(var + eps)
 
         if running_mean is not None and avg_factor > 0:
             # A global count of 1 is only possible across ranks (checked locally otherwise).
@@ -103,33 +119,27 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             running_mean.lerp_(mu.to(running_mean.dtype), avg_factor)
             running_var.lerp_((var * bessel).to(running_var.dtype), avg_factor)
 
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        y = (x.to(mu.dtype) - _bcast(mu, x)) * _bcast(scale, x)
-        if bias is not None:
-            y = y + _bcast(bias.to(mu.dtype), x)
-        y = y.to(x.dtype)
+        # Output pass: batch norm's own fused inference kernel with the used statistics.
+        y = F.batch_norm(x, mu, var, weight, bias, False, 0.0, eps)
 
-        ctx.save_for_backward(x, weight, m, v, mu, invstd)
-        ctx.n, ctx.estimator, ctx.group = n, estimator, group
+        ctx.save_for_backward(x, weight, m, v, mu, var)
+        ctx.n, ctx.estimator, ctx.group, ctx.eps = n, estimator, group, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, weight, m, v, mu, invstd = ctx.saved_tensors
+        x, weight, m, v, mu, var = ctx.saved_tensors
         n, group = ctx.n, ctx.group
-        sdt = mu.dtype
-        dims = _reduce_dims(x)
-        g = grad_out.to(sdt)
-        xs = x.to(sdt)
+        invstd = torch.rsqrt(var + ctx.eps)
         if x.numel():
-            xhat = (xs - _bcast(mu, x)) * _bcast(invstd, x)
-            sum_g = g.sum(dims)
-            sum_gx = (g * xhat).sum(dims)
+            # One fused pass for S_g and S_gx: the inference-mode BN backward's weight and
+            # bias gradients with (mu, var) as the "running" statistics.
+            _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, None, mu, var, None, None, False, ctx.eps, [False, True, True])
         else:
-            sum_g = torch.zeros_like(mu)
-            sum_gx = torch.zeros_like(mu)
+            sum_g, sum_gx = torch.zeros_like(mu), torch.zeros_like(mu)
         grad_weight = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
 
@@ -139,11 +149,13 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                 sums = torch.cat([sum_g, sum_gx])
                 dist.all_reduce(sums, group=group)
                 sum_g, sum_gx = sums.chunk(2)
-            w = invstd if weight is None else invstd * weight.to(sdt)
+            w = invstd if weight is None else invstd * weight.to(invstd.dtype)
             d_mu = -w * sum_g
             d_var = -0.5 * w * invstd * sum_gx
             dm, dv = _estimator_vjp(ctx.estimator, m, v, n, d_mu, d_var)
-            grad_x = g * _bcast(w, x) + _bcast(dm / n, x) + (xs - _bcast(m, x)) * _bcast(2 * dv / n, x)
+            # dx = g w invstd + 2 dv/N (x - m) + dm/N in one pass (statistics dtype via promotion).
+            grad_x = (x - _bcast(m, x)).mul_(_bcast(2 * dv / n, x))
+            grad_x.addcmul_(grad_out, _bcast(w, x)).add_(_bcast(dm / n, x))
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
