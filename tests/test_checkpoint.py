@@ -401,6 +401,38 @@ def test_getattr_on_an_instance_refused():
         torch.load(buf)
 
 
+class PoisonStatistics:
+    """Pickles as a HistoryBuffer whose state registers extra 'statistics method' names:
+    ``HistoryBuffer()`` then ``__setstate__({'statistics_methods': {...}})``, which
+    mmengine applies to the *class-level* ``HistoryBuffer._statistics_methods``."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def __reduce__(self):
+        return HistoryBuffer, (), {'statistics_methods': {n: 0 for n in self.names}}
+
+
+@pytest.fixture
+def restore_statistics_methods():
+    saved = dict(HistoryBuffer._statistics_methods)
+    yield
+    HistoryBuffer._statistics_methods.clear()
+    HistoryBuffer._statistics_methods.update(saved)
+
+
+def test_checkpoint_cannot_extend_the_getattr_allow_list(restore_statistics_methods):
+    # mmengine's HistoryBuffer.__setstate__ adds the loaded names to the class-level dict;
+    # the restricted getattr must not follow it, in this load or in any later one.
+    buf = _dumps([PoisonStatistics('__init__', '__class__'),
+                  GetattrReduce(HistoryBuffer, '__init__')])
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buf)
+    torch.load(_dumps(PoisonStatistics('__init__', '__class__')))
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(_dumps(GetattrReduce(HistoryBuffer, '__init__')))
+
+
 def test_restricted_getattr_direct():
     assert history_buffer_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
     with pytest.raises(pickle.UnpicklingError):

@@ -24,13 +24,18 @@ except ImportError:  # pragma: no cover - numpy 1.x
     _NP_CORE = 'numpy.core.multiarray'
 
 
+# The names mmengine pickles as getattr(HistoryBuffer, name). A fixed set: the class's
+# _statistics_methods dict can be extended by a loaded HistoryBuffer's __setstate__.
+HISTORY_BUFFER_METHODS = frozenset({'min', 'max', 'current', 'mean'})
+
+
 def history_buffer_getattr(obj, name: str):
-    """getattr restricted to HistoryBuffer's statistics methods (as pickled by mmengine)."""
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    """getattr restricted to HistoryBuffer's built-in statistics methods."""
+    if obj is HistoryBuffer and name in HISTORY_BUFFER_METHODS:
         return getattr(obj, name)
     raise torch.serialization.pickle.UnpicklingError(
         f'checkpoint asks for getattr({obj!r}, {name!r}); only HistoryBuffer statistics '
-        f'methods {sorted(HistoryBuffer._statistics_methods)} are allowed')
+        f'methods {sorted(HISTORY_BUFFER_METHODS)} are allowed')
 
 
 # What mmengine 0.10.7 checkpoints hold beyond torch's defaults (found with
@@ -45,8 +50,6 @@ MMENGINE_SAFE_GLOBALS = [
 ]
 # numpy >= 1.25 pickles dtypes of arrays through their DType classes.
 MMENGINE_SAFE_GLOBALS += [type(np.dtype(t)) for t in
-                          (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
-
-# HistoryBuffer registers its default statistics methods lazily, in __init__.
-HistoryBuffer()
+                          (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16,
+                           np.int8, np.uint64, np.uint32, np.uint16, np.uint8, np.bool_)]
 torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS)
