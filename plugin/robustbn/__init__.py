@@ -3,6 +3,11 @@
 Importing the package registers its components with mmengine (``custom_imports=
 dict(imports=['robustbn'])`` in a config) and lets torch >= 2.6 load mmengine checkpoints.
 """
+import os
+
+# albumentations >= 2 contacts the network on import unless told not to.
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
+
 from . import compat  # noqa: F401  (mmengine checkpoints under weights_only=True)
 from . import register  # noqa: F401
 from .convert import BatchNormXd, convert_norm, revert_norm
