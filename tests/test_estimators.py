@@ -126,3 +126,27 @@ def test_unknown_estimator_lists_valid_names():
         robustbn.get_estimator('stein')
     with pytest.raises(ValueError, match='unknown estimator'):
         robustbn.JSBN2d(4, estimator='Paper')
+
+
+def test_shrinkage_factors_are_the_estimators_factors():
+    from robustbn.estimators import shrinkage_factors
+    rng = np.random.default_rng(3)
+    m, v, n = rng.normal(0.2, 1.0, 12), rng.gamma(2.0, 0.5, 12), 30.0
+    tm, tv = torch.tensor(m), torch.tensor(v)
+
+    def factors(name):
+        return shrinkage_factors(tm, tv, *robustbn.get_estimator(name)(tm, tv, n)).numpy()
+    c = len(m)
+    a_paper = 1 - (c - 2) * c / (c + 1) * np.var(m) / np.sum(m ** 2)
+    a_wacv = 1 - (c - 2) * np.var(m) / np.sum(m ** 2)
+    b_wacv = 1 - (c - 2) * np.var(v) / np.sum(v ** 2)
+    d = m - m.mean()
+    b_classic = max(0.0, 1 - (c - 3) * v.mean() / n / np.sum(d ** 2))
+    lv = np.log(v) - np.log(v).mean()
+    bv_classic = max(0.0, 1 - (c - 3) * 2 / (n - 1) / np.sum(lv ** 2))
+    np.testing.assert_allclose(factors('none'), [1, 1, 1], rtol=1e-12)
+    np.testing.assert_allclose(factors('paper')[0], a_paper, rtol=1e-12)
+    np.testing.assert_allclose(factors('paper_mean'), [a_paper, 1, 1], rtol=1e-12)
+    np.testing.assert_allclose(factors('wacv'), [a_wacv, 1, b_wacv], rtol=1e-12)
+    np.testing.assert_allclose(factors('classic')[:2], [b_classic, bv_classic], rtol=1e-12)
+    assert factors('paper')[2] > 1  # the paper's variance estimator inflates

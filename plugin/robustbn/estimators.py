@@ -144,3 +144,27 @@ def get_estimator(name: str) -> Estimator:
         return ESTIMATORS[name]
     except (KeyError, TypeError):
         raise ValueError(f'unknown estimator {name!r}; valid: {", ".join(sorted(ESTIMATORS))}') from None
+
+
+def _spread_ratio(new: Tensor, old: Tensor) -> Tensor:
+    """||new - mean(new)|| / ||old - mean(old)||, and 1 when old has no spread."""
+    num = (new - new.mean()).norm()
+    den = (old - old.mean()).norm()
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.ones_like(den))
+
+
+def shrinkage_factors(m: Tensor, v: Tensor, mu: Tensor, var: Tensor) -> Tensor:
+    """How much an estimator changed the batch statistics: a 3-vector (1 = unchanged).
+
+    - mean factor: spread of the used channel means over that of the batch means,
+      ||mu - mean(mu)|| / ||m - mean(m)||; exactly the factor a of 'paper'/'wacv' (which
+      scale m) and of 'classic' (which scales m - mean(m)). Near 3/(C+1) the layer nearly
+      stops centring.
+    - variance factor: the same ratio for log variances (how much the variances are pulled
+      together; exactly the factor of 'classic').
+    - variance scale: geometric mean of var / v (the factor of 'wacv', the inflation of
+      'paper').
+    """
+    lv, lvar = _log(v), _log(var)
+    return torch.stack([_spread_ratio(mu, m), _spread_ratio(lvar, lv), torch.exp((lvar - lv).mean())])

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .estimators import Estimator
+from .estimators import Estimator, shrinkage_factors
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,14 +96,16 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                estimator: Estimator, eps: float, avg_factor: float, group) -> Tensor:
+                estimator: Estimator, eps: float, avg_factor: float, group,
+                record: Optional[list] = None) -> Tensor:
         with _no_autocast(x):
             return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, running_mean,
-                                                    running_var, estimator, eps, avg_factor, group)
+                                                    running_var, estimator, eps, avg_factor, group,
+                                                    record)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, running_mean, running_var, estimator, eps, avg_factor,
-                 group) -> Tensor:
+                 group, record) -> Tensor:
         n_local, mean_l, m2_l = local_moments(x)
         if group is None:
             n = float(n_local)
@@ -112,6 +114,8 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             n, m, v = _gather_moments(n_local, mean_l, m2_l, group)
         with torch.no_grad():
             mu, var = estimator(m, v, n)
+            if record is not None:  # on request only: a few small kernels, no host sync
+                record.append(shrinkage_factors(m, v, mu, var))
 
         if running_mean is not None and avg_factor > 0:
             # A global count of 1 is only possible across ranks (checked locally otherwise).
@@ -157,7 +161,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             grad_x = (x - _bcast(m, x)).mul_(_bcast(2 * dv / n, x))
             grad_x.addcmul_(grad_out, _bcast(w, x)).add_(_bcast(dm / n, x))
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
@@ -173,7 +177,8 @@ def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, 
 def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       estimator: Estimator, eps: float = 1e-5, avg_factor: float = 0.0,
-                      group=None) -> Tensor:
-    """Functional form of :class:`ShrunkBatchNormFunction` (always batch statistics)."""
+                      group=None, record: Optional[list] = None) -> Tensor:
+    """Functional form of :class:`ShrunkBatchNormFunction` (always batch statistics).
+    ``record``: a list to append the batch's ``shrinkage_factors`` to."""
     return ShrunkBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
-                                         estimator, eps, avg_factor, group)
+                                         estimator, eps, avg_factor, group, record)

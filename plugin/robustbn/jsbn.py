@@ -32,6 +32,10 @@ class _JSBatchNorm(_BatchNorm):
             raise ValueError(f'eval_stats must be one of {EVAL_STATS}, got {eval_stats!r}')
         self.estimator = estimator
         self.eval_stats = eval_stats
+        # Set by ShrinkageMonitorHook for the iterations it logs: the next batch-statistics
+        # forward stores its shrinkage_factors (device tensor) in last_factors.
+        self.record_factors = False
+        self.last_factors: Optional[Tensor] = None
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, estimator={self.estimator!r}, eval_stats={self.eval_stats!r}'
@@ -67,10 +71,14 @@ class _JSBatchNorm(_BatchNorm):
                              f'statistics, got input size {tuple(x.shape)}')
         avg_factor = self._avg_factor()
         update = avg_factor > 0 and self.running_mean is not None
-        return shrunk_batch_norm(x, self.weight, self.bias,
-                                 self.running_mean if update else None,
-                                 self.running_var if update else None,
-                                 self._estimator_fn, self.eps, avg_factor, group)
+        record = [] if self.record_factors else None
+        y = shrunk_batch_norm(x, self.weight, self.bias,
+                              self.running_mean if update else None,
+                              self.running_var if update else None,
+                              self._estimator_fn, self.eps, avg_factor, group, record)
+        if record:
+            self.last_factors = record[0]
+        return y
 
 
 class JSBN1d(_JSBatchNorm):

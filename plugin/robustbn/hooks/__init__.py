@@ -1,0 +1,3 @@
+from .shrinkage_monitor import ShrinkageMonitorHook
+
+__all__ = ['ShrinkageMonitorHook']

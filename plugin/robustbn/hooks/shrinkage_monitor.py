@@ -1,0 +1,80 @@
+"""Log the James-Stein layers' shrinkage factors during training."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+
+from ..jsbn import _JSBatchNorm
+
+FACTOR_NAMES = ('mean_factor', 'var_factor', 'var_scale')
+
+
+class ShrinkageMonitorHook(Hook):
+    """Every ``interval`` training iterations, log each JS layer's shrinkage factors.
+
+    Factors (see ``robustbn.estimators.shrinkage_factors``; 1 means unchanged):
+    ``mean_factor`` (spread of the channel means kept), ``var_factor`` (spread of the log
+    variances kept) and ``var_scale`` (geometric-mean ratio of used to batch variance).
+    Logged as their mean, min and max over layers (``shrinkage/<factor>``,
+    ``shrinkage/<factor>_min``, ``shrinkage/<factor>_max``), and per layer
+    (``shrinkage/<layer>/<factor>``) with ``per_layer=True``, to the logger and to the
+    visualizer's scalars (``vis_data/scalars.json``; ``tools/plot_shrinkage.py`` plots it).
+
+    Layers compute factors only in the iterations that are logged, and the one host copy
+    happens after that iteration's step, so other iterations run untouched.
+    """
+
+    priority = 'BELOW_NORMAL'
+
+    def __init__(self, interval: int = 50, per_layer: bool = False) -> None:
+        if interval < 1:
+            raise ValueError(f'interval must be >= 1, got {interval}')
+        self.interval = interval
+        self.per_layer = per_layer
+
+    @staticmethod
+    def _layers(runner) -> Dict[str, _JSBatchNorm]:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        return {name: m for name, m in model.named_modules() if isinstance(m, _JSBatchNorm)}
+
+    def _set_recording(self, runner, on: bool) -> None:
+        for layer in self._layers(runner).values():
+            layer.record_factors = on
+            if on:
+                layer.last_factors = None
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if self.every_n_train_iters(runner, self.interval):
+            self._set_recording(runner, True)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not self.every_n_train_iters(runner, self.interval):
+            return
+        layers = {n: m.last_factors for n, m in self._layers(runner).items()
+                  if m.last_factors is not None}
+        self._set_recording(runner, False)
+        if not layers:
+            return
+        names = list(layers)
+        table = torch.stack([layers[n].float() for n in names]).cpu()  # the one host copy
+        scalars = self.summarize(names, table.tolist(), self.per_layer)
+        runner.visualizer.add_scalars(scalars, step=runner.iter + 1)
+        runner.logger.info('shrinkage (%d layers): ' % len(names) + ', '.join(
+            f'{f} {scalars[f"shrinkage/{f}"]:.4f} [{scalars[f"shrinkage/{f}_min"]:.4f}, '
+            f'{scalars[f"shrinkage/{f}_max"]:.4f}]' for f in FACTOR_NAMES))
+
+    @staticmethod
+    def summarize(names: List[str], rows: List[List[float]], per_layer: bool = False,
+                  prefix: Optional[str] = 'shrinkage') -> Dict[str, float]:
+        out = {}
+        for j, f in enumerate(FACTOR_NAMES):
+            col = [r[j] for r in rows]
+            out[f'{prefix}/{f}'] = sum(col) / len(col)
+            out[f'{prefix}/{f}_min'] = min(col)
+            out[f'{prefix}/{f}_max'] = max(col)
+            if per_layer:
+                out.update({f'{prefix}/{n}/{f}': c for n, c in zip(names, col)})
+        return out
