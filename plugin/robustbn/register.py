@@ -17,5 +17,10 @@ for _cls in (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, BatchNormXd):
 # --- classification: models, datasets, transforms, metrics
 
 # --- hooks
+from mmengine.registry import HOOKS  # noqa: E402
+
+from .hooks import ShrinkageMonitorHook  # noqa: E402
+
+HOOKS.register_module(module=ShrinkageMonitorHook)
 
 # --- launch and tools
