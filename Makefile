@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: env test
+.PHONY: env test demo
 env: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml tools/setup_env.sh
@@ -12,3 +12,6 @@ $(STAMP): requirements.lock pyproject.toml tools/setup_env.sh
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/python tools/demo.py --work-dir work_dirs/demo $(DEMO_ARGS)

@@ -4,23 +4,32 @@ Everything goes to mmengine's *root* registries: mmcv's ``build_norm_layer`` and
 runners look types up from the current scope's registry, and child registries (mmseg,
 ...) search their parents, so a root entry is visible from every OpenMMLab scope.
 """
-from mmengine.registry import MODELS
+from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS, TRANSFORMS
 
+from .amp import CPUAmpOptimWrapper
 from .convert import BatchNormXd
+from .datasets import (CIFAR10, DigitsDataset, ImageFolder, PackClsInputs, SeededAlbu,
+                       VolumeDataset)
+from .evaluation import Accuracy
+from .hooks import ShrinkageMonitorHook
 from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN
+from .models import (CNN3d, CifarResNet, ImageClassifier, TorchvisionResNet,
+                     VolumeDataPreprocessor)
 
-# --- norm layers
+# norm layers ('JSBN' is the 2d layer, as mmcv's 'BN' is BatchNorm2d)
 MODELS.register_module('JSBN', module=JSBN2d)
 for _cls in (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, BatchNormXd):
     MODELS.register_module(module=_cls)
 
-# --- classification: models, datasets, transforms, metrics
+# classification
+for _cls in (ImageClassifier, VolumeDataPreprocessor, CifarResNet, TorchvisionResNet, CNN3d):
+    MODELS.register_module(module=_cls)
+for _cls in (CIFAR10, ImageFolder, VolumeDataset, DigitsDataset):
+    DATASETS.register_module(module=_cls)
+for _cls in (PackClsInputs, SeededAlbu):
+    TRANSFORMS.register_module(module=_cls)
+METRICS.register_module(module=Accuracy)
 
-# --- hooks
-from mmengine.registry import HOOKS  # noqa: E402
-
-from .hooks import ShrinkageMonitorHook  # noqa: E402
-
+# training
 HOOKS.register_module(module=ShrinkageMonitorHook)
-
-# --- launch and tools
+OPTIM_WRAPPERS.register_module(module=CPUAmpOptimWrapper)  # --amp without a GPU
