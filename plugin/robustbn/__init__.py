@@ -13,10 +13,12 @@ from . import register  # noqa: F401
 from .convert import BatchNormXd, convert_norm, revert_norm
 from .estimators import ESTIMATORS, get_estimator
 from .functional import ShrunkBatchNormFunction, shrunk_batch_norm
+from .gprebn import GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN
 from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN
 
 __version__ = '0.1.0'
 
-__all__ = ['JSBN1d', 'JSBN2d', 'JSBN3d', 'SyncJSBN', 'BatchNormXd', 'convert_norm',
+__all__ = ['JSBN1d', 'JSBN2d', 'JSBN3d', 'SyncJSBN', 'GpreBN1d', 'GpreBN2d', 'GpreBN3d',
+           'SyncGpreBN', 'BatchNormXd', 'convert_norm',
            'revert_norm', 'ESTIMATORS', 'get_estimator', 'ShrunkBatchNormFunction',
            'shrunk_batch_norm']

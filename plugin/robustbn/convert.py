@@ -6,14 +6,19 @@ from typing import Type, Union
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .gprebn import GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN, _GpreBatchNorm
 from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN, _JSBatchNorm
 
-_BY_NAME = {'JSBN1d': JSBN1d, 'JSBN2d': JSBN2d, 'JSBN3d': JSBN3d, 'SyncJSBN': SyncJSBN}
-_JS_BY_DIM = {1: JSBN1d, 2: JSBN2d, 3: JSBN3d}
+_BY_NAME = {'JSBN1d': JSBN1d, 'JSBN2d': JSBN2d, 'JSBN3d': JSBN3d, 'SyncJSBN': SyncJSBN,
+            'GpreBN1d': GpreBN1d, 'GpreBN2d': GpreBN2d, 'GpreBN3d': GpreBN3d,
+            'SyncGpreBN': SyncGpreBN}
+# names that keep each layer's input rank
+_BY_DIM = {'JSBN': {1: JSBN1d, 2: JSBN2d, 3: JSBN3d},
+           'GpreBN': {1: GpreBN1d, 2: GpreBN2d, 3: GpreBN3d}}
 _BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _DIM_OF = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
            nn.LazyBatchNorm1d: 1, nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3,
-           JSBN1d: 1, JSBN2d: 2, JSBN3d: 3}
+           JSBN1d: 1, JSBN2d: 2, JSBN3d: 3, GpreBN1d: 1, GpreBN2d: 2, GpreBN3d: 3}
 
 
 class BatchNormXd(_BatchNorm):
@@ -36,13 +41,13 @@ def _target_class(module: _BatchNorm, norm: Union[str, Type[_BatchNorm]]):
         return norm
     if norm in _BY_NAME:
         return _BY_NAME[norm]
-    if norm == 'JSBN':
+    if norm in _BY_DIM:
         dim = _dim_of(module)
         if dim is None:
             raise ValueError(f"cannot tell the input rank of {type(module).__name__}: use "
-                             "'JSBN1d', 'JSBN2d', 'JSBN3d' or 'SyncJSBN'")
-        return _JS_BY_DIM[dim]
-    raise ValueError(f'unknown norm {norm!r}; valid: JSBN, {", ".join(_BY_NAME)}')
+                             f"'{norm}1d', '{norm}2d', '{norm}3d' or 'Sync{norm}'")
+        return _BY_DIM[norm][dim]
+    raise ValueError(f'unknown norm {norm!r}; valid: {", ".join([*_BY_DIM, *_BY_NAME])}')
 
 
 def _swap(old: _BatchNorm, cls, **kwargs) -> _BatchNorm:
@@ -56,6 +61,8 @@ def _swap(old: _BatchNorm, cls, **kwargs) -> _BatchNorm:
     if old.track_running_stats and new.track_running_stats:
         new.running_mean, new.running_var = old.running_mean, old.running_var
         new.num_batches_tracked = old.num_batches_tracked
+    if isinstance(new, _GpreBatchNorm):
+        new.reset_target()  # the test-time EMA starts from the (new) source statistics
     new.train(old.training)
     return new
 
@@ -73,8 +80,9 @@ def _replace(module: nn.Module, make) -> nn.Module:
 
 def convert_norm(model: nn.Module, norm: Union[str, Type[_BatchNorm]] = 'SyncJSBN',
                  **layer_kwargs) -> nn.Module:
-    """Replace every ``_BatchNorm`` of ``model`` (SyncBatchNorm and JS-BN included) by
-    ``norm`` ('JSBN' keeps each layer's rank; 'JSBN1d/2d/3d', 'SyncJSBN', or a class).
+    """Replace every ``_BatchNorm`` of ``model`` (SyncBatchNorm, JS-BN, GpreBN included) by
+    ``norm``: 'JSBN' or 'GpreBN' (keeping each layer's rank), 'JSBN1d/2d/3d', 'SyncJSBN',
+    'GpreBN1d/2d/3d', 'SyncGpreBN', or a class.
 
     Weights, running statistics, ``requires_grad`` and the train/eval mode are kept;
     ``layer_kwargs`` (e.g. ``estimator='classic'``) go to the new layers' constructor.
@@ -88,10 +96,11 @@ def convert_norm(model: nn.Module, norm: Union[str, Type[_BatchNorm]] = 'SyncJSB
 
 
 def revert_norm(model: nn.Module) -> nn.Module:
-    """Replace every JS-BN layer by torch BatchNorm1d/2d/3d (SyncJSBN by ``BatchNormXd``),
-    keeping weights, running statistics, ``requires_grad`` and the train/eval mode."""
+    """Replace every JS-BN and GpreBN layer by torch BatchNorm1d/2d/3d (the Sync ones by
+    ``BatchNormXd``), keeping weights, running (source) statistics, ``requires_grad`` and
+    the train/eval mode."""
     def make(m):
-        if isinstance(m, _JSBatchNorm):
+        if isinstance(m, (_JSBatchNorm, _GpreBatchNorm)):
             dim = _dim_of(m)
             return _swap(m, _BN_BY_DIM[dim] if dim else BatchNormXd)
         return None

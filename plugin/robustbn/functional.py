@@ -86,26 +86,34 @@ def _no_autocast(x: Tensor):
 
 
 class ShrunkBatchNormFunction(torch.autograd.Function):
-    """y = weight * (x - mu) / sqrt(var + eps) + bias with (mu, var) = estimator(m, v, N).
+    """Batch norm whose batch statistics (mu_c, var_c) = estimator(m, v, N).
 
-    ``running_mean``/``running_var`` (or None) are updated in place with
-    ``avg_factor`` from the statistics actually used (variance times N/(N-1)).
-    ``group`` is None for local statistics or the process group to synchronize over.
+    Without ``ref_stats``: y = weight * (x - mu_c) / sqrt(var_c + eps) + bias (JS-BN).
+
+    With ``ref_stats=(mu, var)`` (GpreBN): the value is batch norm with those statistics,
+    y = weight * (x - mu) / sigma + bias, while the input gradient keeps the batch-statistics
+    form, i.e. it is the gradient of
+    weight * ((x - mu_c) / sigma_c * sg(sigma_c) + sg(mu_c) - mu) / sigma + bias:
+    batch norm's gradient with the effective weight weight * sigma_c / sigma. The weight
+    gradient is sum(g * (x - mu) / sigma) either way, and (mu, var) get no gradient.
+
+    ``updates``: (mean_buffer, var_buffer, factor) triples updated in place, after the
+    output is computed, as an EMA of (mu_c, var_c * N/(N-1)). ``group`` is None for local
+    statistics or the process group to synchronize over; ``record`` a list to append the
+    estimator's ``shrinkage_factors`` to.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                estimator: Estimator, eps: float, avg_factor: float, group,
-                record: Optional[list] = None) -> Tensor:
+                estimator: Estimator, eps: float, group, updates, ref_stats,
+                record: Optional[list]) -> Tensor:
         with _no_autocast(x):
-            return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, running_mean,
-                                                    running_var, estimator, eps, avg_factor, group,
-                                                    record)
+            return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, estimator, eps, group,
+                                                    updates, ref_stats, record)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, running_mean, running_var, estimator, eps, avg_factor,
-                 group, record) -> Tensor:
+    def _forward(ctx, x, weight, bias, estimator, eps, group, updates, ref_stats,
+                 record) -> Tensor:
         n_local, mean_l, m2_l = local_moments(x)
         if group is None:
             n = float(n_local)
@@ -116,32 +124,38 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             mu, var = estimator(m, v, n)
             if record is not None:  # on request only: a few small kernels, no host sync
                 record.append(shrinkage_factors(m, v, mu, var))
+        out_mu, out_var = (mu, var) if ref_stats is None else \
+            (ref_stats[0].to(mu.dtype), ref_stats[1].to(mu.dtype))
 
-        if running_mean is not None and avg_factor > 0:
+        # Output pass: batch norm's own fused inference kernel with the statistics used.
+        y = F.batch_norm(x, out_mu, out_var, weight, bias, False, 0.0, eps)
+
+        if updates:
             # A global count of 1 is only possible across ranks (checked locally otherwise).
             bessel = n / (n - 1) if group is None else n / (n - 1).clamp_min(1)
-            running_mean.lerp_(mu.to(running_mean.dtype), avg_factor)
-            running_var.lerp_((var * bessel).to(running_var.dtype), avg_factor)
+            for mean_buf, var_buf, factor in updates:
+                mean_buf.lerp_(mu.to(mean_buf.dtype), factor)
+                var_buf.lerp_((var * bessel).to(var_buf.dtype), factor)
 
-        # Output pass: batch norm's own fused inference kernel with the used statistics.
-        y = F.batch_norm(x, mu, var, weight, bias, False, 0.0, eps)
-
-        ctx.save_for_backward(x, weight, m, v, mu, var)
+        ctx.save_for_backward(x, weight, m, v, mu, var, out_mu, out_var)
         ctx.n, ctx.estimator, ctx.group, ctx.eps = n, estimator, group, eps
+        ctx.has_ref = ref_stats is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, weight, m, v, mu, var = ctx.saved_tensors
+        x, weight, m, v, mu, var, out_mu, out_var = ctx.saved_tensors
         n, group = ctx.n, ctx.group
         invstd = torch.rsqrt(var + ctx.eps)
+        out_invstd = torch.rsqrt(out_var + ctx.eps) if ctx.has_ref else invstd
         if x.numel():
-            # One fused pass for S_g and S_gx: the inference-mode BN backward's weight and
-            # bias gradients with (mu, var) as the "running" statistics.
+            # One fused pass for S_g = sum g and S_gx = sum g * (x - out_mu) * out_invstd:
+            # the inference-mode BN backward's bias and weight gradients.
             _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, None, mu, var, None, None, False, ctx.eps, [False, True, True])
+                grad_out, x, None, out_mu, out_var, None, None, False, ctx.eps,
+                [False, True, True])
         else:
             sum_g, sum_gx = torch.zeros_like(mu), torch.zeros_like(mu)
         grad_weight = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
@@ -149,19 +163,22 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[0]:
+            if ctx.has_ref:  # S_gz with z = (x - mu_c) * invstd_c, from the same sums
+                sum_gx = (sum_gx / out_invstd + (out_mu - mu) * sum_g) * invstd
             if group is not None:
                 sums = torch.cat([sum_g, sum_gx])
                 dist.all_reduce(sums, group=group)
                 sum_g, sum_gx = sums.chunk(2)
-            w = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            # weight * out_invstd: the batch-BN gradient with effective weight w sigma_c/sigma
+            w = out_invstd if weight is None else out_invstd * weight.to(out_invstd.dtype)
             d_mu = -w * sum_g
             d_var = -0.5 * w * invstd * sum_gx
             dm, dv = _estimator_vjp(ctx.estimator, m, v, n, d_mu, d_var)
-            # dx = g w invstd + 2 dv/N (x - m) + dm/N in one pass (statistics dtype via promotion).
+            # dx = g w + 2 dv/N (x - m) + dm/N in one pass (statistics dtype via promotion).
             grad_x = (x - _bcast(m, x)).mul_(_bcast(2 * dv / n, x))
             grad_x.addcmul_(grad_out, _bcast(w, x)).add_(_bcast(dm / n, x))
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
@@ -177,8 +194,15 @@ def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, 
 def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       estimator: Estimator, eps: float = 1e-5, avg_factor: float = 0.0,
-                      group=None, record: Optional[list] = None) -> Tensor:
+                      group=None, record: Optional[list] = None, ref_stats=None,
+                      extra_updates=()) -> Tensor:
     """Functional form of :class:`ShrunkBatchNormFunction` (always batch statistics).
-    ``record``: a list to append the batch's ``shrinkage_factors`` to."""
-    return ShrunkBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
-                                         estimator, eps, avg_factor, group, record)
+
+    ``running_mean``/``running_var`` (or None) get an EMA update with ``avg_factor``;
+    ``extra_updates`` more (mean, var, factor) triples; ``ref_stats`` makes it GpreBN.
+    """
+    updates = tuple(extra_updates)
+    if running_mean is not None and avg_factor > 0:
+        updates = ((running_mean, running_var, avg_factor),) + updates
+    return ShrunkBatchNormFunction.apply(x, weight, bias, estimator, eps, group, updates,
+                                         ref_stats, record)

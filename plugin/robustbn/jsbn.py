@@ -56,9 +56,7 @@ class _JSBatchNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if x.size(1) != self.num_features:
-            raise ValueError(f'{type(self).__name__} expected {self.num_features} channels '
-                             f'(dim 1), got input of shape {tuple(x.shape)}')
+        check_channels(self, x)
         use_batch_stats = (self.training or self.running_mean is None
                            or self.eval_stats == 'batch')
         if not use_batch_stats:
@@ -66,9 +64,7 @@ class _JSBatchNorm(_BatchNorm):
                                 False, 0.0, self.eps)
 
         group = self._sync_group()
-        if group is None and x.numel() // x.size(1) <= 1:
-            raise ValueError('Expected more than 1 value per channel when using batch '
-                             f'statistics, got input size {tuple(x.shape)}')
+        check_batch_stats_input(x, group)
         avg_factor = self._avg_factor()
         update = avg_factor > 0 and self.running_mean is not None
         record = [] if self.record_factors else None
@@ -127,7 +123,27 @@ class SyncJSBN(_JSBatchNorm):
             raise ValueError(f'expected at least 2D input (got {x.dim()}D input)')
 
     def _sync_group(self):
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.process_group or dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        return sync_group(self.process_group)
+
+
+def sync_group(process_group=None):
+    """The group to synchronize statistics over: None without an initialized process group
+    or with one rank (then statistics are local, exactly as without synchronization)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def check_batch_stats_input(x: Tensor, group) -> None:
+    """BatchNorm's error for a batch with one value per channel (checked locally only:
+    across ranks the global count would need a host sync)."""
+    if group is None and x.numel() // x.size(1) <= 1:
+        raise ValueError('Expected more than 1 value per channel when using batch '
+                         f'statistics, got input size {tuple(x.shape)}')
+
+
+def check_channels(layer: _BatchNorm, x: Tensor) -> None:
+    if x.size(1) != layer.num_features:
+        raise ValueError(f'{type(layer).__name__} expected {layer.num_features} channels '
+                         f'(dim 1), got input of shape {tuple(x.shape)}')

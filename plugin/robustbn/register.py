@@ -11,14 +11,17 @@ from .convert import BatchNormXd
 from .datasets import (CIFAR10, DigitsDataset, ImageFolder, PackClsInputs, SeededAlbu,
                        VolumeDataset)
 from .evaluation import Accuracy
+from .gprebn import GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN
 from .hooks import ShrinkageMonitorHook
 from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN
 from .models import (CNN3d, CifarResNet, ImageClassifier, TorchvisionResNet,
                      VolumeDataPreprocessor)
 
-# norm layers ('JSBN' is the 2d layer, as mmcv's 'BN' is BatchNorm2d)
+# norm layers ('JSBN' and 'GpreBN' are the 2d layers, as mmcv's 'BN' is BatchNorm2d)
 MODELS.register_module('JSBN', module=JSBN2d)
-for _cls in (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, BatchNormXd):
+MODELS.register_module('GpreBN', module=GpreBN2d)
+for _cls in (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN,
+             BatchNormXd):
     MODELS.register_module(module=_cls)
 
 # classification
