@@ -3,7 +3,8 @@
 # 10000 held-out training images after each epoch, the best of them kept for testing.
 _base_ = [
     '../_base_/models/cifar_resnet9.py', '../_base_/datasets/cifar10_paper.py',
-    '../_base_/schedules/paper_sgd_5e.py', '../_base_/default_runtime.py'
+    '../_base_/schedules/paper_sgd_5e.py', '../_base_/default_runtime.py',
+    '../_base_/adv_paper.py'
 ]
 # Evaluation uses the running statistics. The paper's code normalizes evaluation batches
 # with their own statistics: eval_stats='batch' reproduces that (a prediction then

@@ -4,18 +4,21 @@ Everything goes to mmengine's *root* registries: mmcv's ``build_norm_layer`` and
 runners look types up from the current scope's registry, and child registries (mmseg,
 ...) search their parents, so a root entry is visible from every OpenMMLab scope.
 """
-from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS, TRANSFORMS
+from mmengine.registry import (DATASETS, HOOKS, LOOPS, METRICS, MODELS, OPTIM_WRAPPERS,
+                               TRANSFORMS)
 
+from .adversarial import AdversarialEvalHook
 from .amp import CPUAmpOptimWrapper
 from .convert import BatchNormXd
-from .datasets import (CIFAR10, DigitsDataset, ImageFolder, PackClsInputs, SeededAlbu,
-                       VolumeDataset)
+from .datasets import (CIFAR10, CIFAR10C, DigitsDataset, ImageFolder, ImageNetCorruption,
+                       PackClsInputs, SeededAlbu, VolumeDataset)
 from .evaluation import Accuracy
 from .gprebn import GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN
 from .hooks import ShrinkageMonitorHook
 from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN
 from .models import (CNN3d, CifarResNet, ImageClassifier, TorchvisionResNet,
                      VolumeDataPreprocessor)
+from .tta import TestTimeAdaptLoop
 
 # norm layers ('JSBN' and 'GpreBN' are the 2d layers, as mmcv's 'BN' is BatchNorm2d)
 MODELS.register_module('JSBN', module=JSBN2d)
@@ -27,12 +30,18 @@ for _cls in (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, GpreBN1d, GpreBN2d, GpreBN3d, Syn
 # classification
 for _cls in (ImageClassifier, VolumeDataPreprocessor, CifarResNet, TorchvisionResNet, CNN3d):
     MODELS.register_module(module=_cls)
-for _cls in (CIFAR10, ImageFolder, VolumeDataset, DigitsDataset):
+for _cls in (CIFAR10, CIFAR10C, ImageFolder, VolumeDataset, DigitsDataset):
     DATASETS.register_module(module=_cls)
-for _cls in (PackClsInputs, SeededAlbu):
+for _cls in (PackClsInputs, SeededAlbu, ImageNetCorruption):
     TRANSFORMS.register_module(module=_cls)
 METRICS.register_module(module=Accuracy)
 
 # training
 HOOKS.register_module(module=ShrinkageMonitorHook)
 OPTIM_WRAPPERS.register_module(module=CPUAmpOptimWrapper)  # --amp without a GPU
+
+# adversarial evaluation (after validation and at test)
+HOOKS.register_module(module=AdversarialEvalHook)
+
+# test-time adaptation (as test_cfg or val_cfg)
+LOOPS.register_module(module=TestTimeAdaptLoop)

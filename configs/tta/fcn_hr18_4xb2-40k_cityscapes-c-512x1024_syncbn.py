@@ -1,0 +1,5 @@
+# fcn_hr18_4xb2-40k_cityscapes-c-512x1024_syncjsbn.py for the SyncBN model
+# (configs/seg/fcn_hr18_4xb2-40k_cityscapes-512x1024_syncbn.py).
+_base_ = './fcn_hr18_4xb2-40k_cityscapes-c-512x1024_syncjsbn.py'
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(backbone=dict(norm_cfg=norm_cfg), decode_head=dict(norm_cfg=norm_cfg))
