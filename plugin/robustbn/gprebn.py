@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .estimators import get_estimator
 from .functional import shrunk_batch_norm
 from .jsbn import (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, check_batch_stats_input, check_channels,
-                   sync_group)
+                   ema_factor, sync_group)
 
 TARGET_BUFFERS = ('target_mean', 'target_var')
 
@@ -96,10 +96,7 @@ class _GpreBatchNorm(_BatchNorm):
         check_batch_stats_input(x, group)
         updates = [(self.target_mean, self.target_var, self.target_momentum)]
         if self.update_source_stats:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-            updates.append((self.running_mean, self.running_var, factor))
+            updates.append((self.running_mean, self.running_var, ema_factor(self)))
         return shrunk_batch_norm(x, self.weight, self.bias, None, None, self._estimator_fn,
                                  self.eps, group=group, ref_stats=(mu, var),
                                  extra_updates=updates)

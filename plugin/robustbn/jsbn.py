@@ -44,16 +44,6 @@ class _JSBatchNorm(_BatchNorm):
         """The process group to synchronize statistics over, or None for local statistics."""
         return None
 
-    def _avg_factor(self) -> float:
-        # Same bookkeeping as _BatchNorm.forward (momentum=None: cumulative average).
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         check_channels(self, x)
@@ -65,12 +55,9 @@ class _JSBatchNorm(_BatchNorm):
 
         group = self._sync_group()
         check_batch_stats_input(x, group)
-        avg_factor = self._avg_factor()
-        update = avg_factor > 0 and self.running_mean is not None
+        avg_factor = ema_factor(self) if self.training and self.track_running_stats else 0.0
         record = [] if self.record_factors else None
-        y = shrunk_batch_norm(x, self.weight, self.bias,
-                              self.running_mean if update else None,
-                              self.running_var if update else None,
+        y = shrunk_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                               self._estimator_fn, self.eps, avg_factor, group, record)
         if record:
             self.last_factors = record[0]
@@ -124,6 +111,16 @@ class SyncJSBN(_JSBatchNorm):
 
     def _sync_group(self):
         return sync_group(self.process_group)
+
+
+def ema_factor(layer: _BatchNorm) -> float:
+    """Count one more tracked batch and return the running-statistics EMA factor, as
+    _BatchNorm.forward does (momentum=None: cumulative average)."""
+    if layer.num_batches_tracked is not None:
+        layer.num_batches_tracked.add_(1)
+    if layer.momentum is None:
+        return 1.0 / float(layer.num_batches_tracked)
+    return layer.momentum
 
 
 def sync_group(process_group=None):
