@@ -85,6 +85,22 @@ def _no_autocast(x: Tensor):
     return contextlib.nullcontext()
 
 
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+              bias: Optional[Tensor], eps: float) -> Tensor:
+    """weight * (x - mean) / sqrt(var + eps) + bias in batch norm's fused inference kernel.
+
+    Affine parameters in low precision next to float32 statistics (DeepSpeed's bf16/fp16
+    modes cast parameters, not buffers) are brought to the statistics' dtype: the kernels
+    take all-equal dtypes or low-precision input with everything else float32.
+    """
+    return F.batch_norm(x, mean, var, _as(weight, mean.dtype), _as(bias, mean.dtype),
+                        False, 0.0, eps)
+
+
 class ShrunkBatchNormFunction(torch.autograd.Function):
     """Batch norm whose batch statistics (mu_c, var_c) = estimator(m, v, N).
 
@@ -128,7 +144,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             (ref_stats[0].to(mu.dtype), ref_stats[1].to(mu.dtype))
 
         # Output pass: batch norm's own fused inference kernel with the statistics used.
-        y = F.batch_norm(x, out_mu, out_var, weight, bias, False, 0.0, eps)
+        y = normalize(x, out_mu, out_var, weight, bias, eps)
 
         if updates:
             # A global count of 1 is only possible across ranks (checked locally otherwise).

@@ -19,12 +19,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import get_estimator
-from .functional import shrunk_batch_norm
+from .functional import normalize, shrunk_batch_norm
 from .jsbn import (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, check_batch_stats_input, check_channels,
                    ema_factor, sync_group)
 
@@ -91,7 +90,7 @@ class _GpreBatchNorm(_BatchNorm):
         check_channels(self, x)
         mu, var = self.dataset_stats()
         if not self.training:
-            return F.batch_norm(x, mu, var, self.weight, self.bias, False, 0.0, self.eps)
+            return normalize(x, mu, var, self.weight, self.bias, self.eps)
         group = self._sync_group()
         check_batch_stats_input(x, group)
         updates = [(self.target_mean, self.target_var, self.target_momentum)]

@@ -10,12 +10,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import get_estimator
-from .functional import shrunk_batch_norm
+from .functional import normalize, shrunk_batch_norm
 
 EVAL_STATS = ('running', 'batch')
 
@@ -50,8 +49,8 @@ class _JSBatchNorm(_BatchNorm):
         use_batch_stats = (self.training or self.running_mean is None
                            or self.eval_stats == 'batch')
         if not use_batch_stats:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return normalize(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.eps)
 
         group = self._sync_group()
         check_batch_stats_input(x, group)
