@@ -8,7 +8,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from robustbn.launcher import setup_cpu_distributed
+from robustbn.launcher import is_deepspeed, setup_cpu_distributed
 
 
 def parse_args():
@@ -89,7 +89,17 @@ def main():
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
 
+    if osp.isdir(args.checkpoint):
+        # DeepSpeed's engine cannot be built without an optimizer under ZeRO 1-2.
+        raise SystemExit(
+            f'{args.checkpoint} is a DeepSpeed checkpoint directory; export the model first:\n'
+            f'  python tools/export_deepspeed_checkpoint.py {args.checkpoint}\n'
+            'and test the .pth it writes.')
     cfg.load_from = args.checkpoint
+    if is_deepspeed(cfg):
+        # Testing needs no DeepSpeed: the plain Runner evaluates the exported weights.
+        cfg.pop('runner_type')
+        cfg.pop('strategy')
 
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)

@@ -11,7 +11,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from robustbn.launcher import setup_cpu_distributed
+from robustbn.launcher import setup_cpu_distributed, setup_deepspeed
 
 
 def parse_args():
@@ -28,7 +28,7 @@ def parse_args():
         action='store_true',
         default=False,
         help='enable automatic-mixed-precision training (float16 on GPU, '
-        'bfloat16 on CPU)')
+        'bfloat16 on CPU; DeepSpeed configs: the strategy\'s bf16)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -54,6 +54,13 @@ def parse_args():
 
 
 def enable_amp(cfg):
+    strategy = cfg.get('strategy') or {}
+    if strategy.get('type') == 'DeepSpeedStrategy':
+        # DeepSpeed's own mixed precision: bf16 parameters, float32 master weights.
+        if not (strategy.get('fp16') or {}).get('enabled'):
+            strategy['bf16'] = dict(strategy.get('bf16') or {}, enabled=True)
+        strategy.setdefault('inputs_to_half', ['inputs'])
+        return
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     amp_type = 'AmpOptimWrapper' if torch.cuda.is_available() else 'CPUAmpOptimWrapper'
     if optim_wrapper == amp_type:
@@ -90,6 +97,8 @@ def main():
 
     # Without CUDA: gloo process group and CPU DDP (no-op otherwise).
     setup_cpu_distributed(cfg)
+    # DeepSpeed: a process group of one without a launcher; a plain .pth in load_from.
+    setup_deepspeed(cfg)
 
     # runner_type (e.g. FlexibleRunner) is looked up in mmengine's root registry.
     if 'runner_type' not in cfg:

@@ -17,11 +17,18 @@ launcher is given,
 
 With CUDA available nothing is changed: mmengine's own path (nccl) runs. Setting
 ``CUDA_VISIBLE_DEVICES=''`` on a GPU machine selects the CPU path.
+
+``setup_deepspeed(cfg)`` for DeepSpeed configs: DeepSpeed needs a process group even for
+one process and, without a launcher's variables, looks for MPI (mpi4py): a run without a
+launcher gets the env:// variables of a world of one instead. And DeepSpeedStrategy loads
+``load_from`` only as a DeepSpeed checkpoint directory: a plain ``.pth`` (an exported or
+an ordinary mmengine checkpoint) is loaded into the model before DeepSpeed wraps it.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from typing import Tuple
 
@@ -132,4 +139,34 @@ def setup_cpu_distributed(cfg) -> bool:
         dist.init_process_group('gloo', init_method='env://', rank=rank, world_size=world,
                                 **kwargs)
     _set_model_wrapper(cfg)
+    return True
+
+
+def is_deepspeed(cfg) -> bool:
+    """Whether ``cfg`` trains through FlexibleRunner + DeepSpeedStrategy."""
+    strategy = cfg.get('strategy') or {}
+    return cfg.get('runner_type') == 'FlexibleRunner' and \
+        strategy.get('type') == 'DeepSpeedStrategy'
+
+
+def setup_deepspeed(cfg) -> bool:
+    """For a DeepSpeed config: with ``launcher='none'``, RANK/WORLD_SIZE/LOCAL_RANK and
+    MASTER_ADDR/MASTER_PORT (a free local port) of a world of one where not set; a plain
+    checkpoint file in ``load_from`` (when not resuming) becomes the model's
+    ``init_cfg=dict(type='Pretrained')``. Returns whether ``cfg`` is a DeepSpeed config."""
+    if not is_deepspeed(cfg):
+        return False
+    if (cfg.get('launcher') or 'none') == 'none':
+        if 'MASTER_PORT' not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(('127.0.0.1', 0))
+                os.environ['MASTER_PORT'] = str(sock.getsockname()[1])
+        for name, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'),
+                            ('MASTER_ADDR', '127.0.0.1')):
+            os.environ.setdefault(name, value)
+    load_from = cfg.get('load_from')
+    if load_from and not cfg.get('resume') and os.path.isfile(load_from):
+        # Loaded by init_weights, which DeepSpeedStrategy calls before deepspeed.initialize.
+        cfg.model.init_cfg = dict(type='Pretrained', checkpoint=load_from)
+        cfg.load_from = None
     return True

@@ -14,7 +14,7 @@ from .datasets import (CIFAR10, CIFAR10C, DigitsDataset, ImageFolder, ImageNetCo
                        PackClsInputs, SeededAlbu, VolumeDataset)
 from .evaluation import Accuracy
 from .gprebn import GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN
-from .hooks import ShrinkageMonitorHook
+from .hooks import BufferConsistencyHook, ShrinkageMonitorHook
 from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN
 from .models import (CNN3d, CifarResNet, ImageClassifier, TorchvisionResNet,
                      VolumeDataPreprocessor)
@@ -38,6 +38,7 @@ METRICS.register_module(module=Accuracy)
 
 # training
 HOOKS.register_module(module=ShrinkageMonitorHook)
+HOOKS.register_module(module=BufferConsistencyHook)  # ranks' running statistics agree
 OPTIM_WRAPPERS.register_module(module=CPUAmpOptimWrapper)  # --amp without a GPU
 
 # adversarial evaluation (after validation and at test)

@@ -129,6 +129,13 @@ def _is_segmentor(model) -> bool:
     return hasattr(model, 'decode_head') and hasattr(model, 'inference')
 
 
+def _low_precision(model: nn.Module) -> Optional[torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else None
+    return None
+
+
 class AttackedModel(nn.Module):
     """``x`` in [0, 1] (raw image / 255, raw channel order) -> the logits the model predicts
     from: ``x * 255`` through the model's data preprocessor (BGR->RGB, mean/std, padding),
@@ -160,9 +167,17 @@ class AttackedModel(nn.Module):
         data = self.model.data_preprocessor(
             dict(inputs=list(raw) if self._as_list else raw, data_samples=self._samples), False)
         inputs, samples = data['inputs'], data['data_samples']
+        # A model whose parameters were cast to bf16/fp16 (DeepSpeed's bf16/fp16 modes)
+        # takes inputs of that dtype, as its engine's inputs_to_half gives it; the attack
+        # loss is computed on float32 logits.
+        low = _low_precision(self.model)
+        if low is not None:
+            inputs = inputs.to(low)
         if _is_segmentor(self.model):
-            return self._seg_logits(inputs, samples)
-        return self.model(inputs, samples, mode='tensor')
+            logits = self._seg_logits(inputs, samples)
+        else:
+            logits = self.model(inputs, samples, mode='tensor')
+        return logits.float()
 
     def _seg_logits(self, inputs: Tensor, samples) -> Tensor:
         metas = [dict(s.metainfo) for s in samples]  # slide inference writes into them

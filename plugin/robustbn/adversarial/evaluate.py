@@ -39,8 +39,8 @@ def evaluate_attacks(model, dataloader, evaluator, attacks: Sequence[dict],
     sampler's order) with each of ``attacks`` and evaluate the model's predictions on the
     attacked images with a fresh copy of ``evaluator``: ``{'adv/<attack>/<metric>': v}``.
 
-    Predictions are made as in testing (``model.test_step``) with the model unwrapped
-    from DDP and in eval mode. Under distributed evaluation every rank attacks its shard
+    Predictions are made as in testing (``model.test_step``, through the wrapper), the
+    attack's gradients with the model unwrapped, in eval mode. Under distributed evaluation every rank attacks its shard
     and the evaluator collects the results in the sampler's order, as for clean metrics.
     ``progress(n)`` is called after each batch with its number of samples; ``timings``
     receives the seconds spent per attack.
@@ -78,8 +78,8 @@ def evaluate_attacks(model, dataloader, evaluator, attacks: Sequence[dict],
                     start = time.perf_counter()
                     adv = dict(batch, inputs=perturb(wrapper, attack, name, batch, seed),
                                data_samples=copy.deepcopy(batch['data_samples']))
-                    with torch.no_grad():
-                        outputs = net.test_step(adv)
+                    with torch.no_grad():  # the wrapper's test_step: DeepSpeed casts inputs
+                        outputs = model.test_step(adv)
                     evaluators[name].process(data_samples=outputs, data_batch=adv)
                     spent[name] += time.perf_counter() - start
                 done += len(batch['data_samples'])
