@@ -126,7 +126,8 @@ def load_cfg(name, data):
 
 
 def expected_norm(name):
-    return NORM_BY_SUFFIX[Path(name).stem.rsplit('_', 1)[1]]
+    # '<model>_<data>_<norm>[-ds-zeroK]': the DeepSpeed variants keep their parent's norm.
+    return NORM_BY_SUFFIX[Path(name).stem.split('-ds-')[0].rsplit('_', 1)[1]]
 
 
 def batch_of(dataset, n):

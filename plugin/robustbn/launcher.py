@@ -152,8 +152,7 @@ def is_deepspeed(cfg) -> bool:
 def setup_deepspeed(cfg) -> bool:
     """For a DeepSpeed config: with ``launcher='none'``, RANK/WORLD_SIZE/LOCAL_RANK and
     MASTER_ADDR/MASTER_PORT (a free local port) of a world of one where not set; a plain
-    checkpoint file in ``load_from`` (when not resuming) becomes the model's
-    ``init_cfg=dict(type='Pretrained')``. Returns whether ``cfg`` is a DeepSpeed config."""
+    checkpoint file in ``load_from`` becomes the model's ``init_cfg=dict(type='Pretrained')``. Returns whether ``cfg`` is a DeepSpeed config."""
     if not is_deepspeed(cfg):
         return False
     if (cfg.get('launcher') or 'none') == 'none':
@@ -165,8 +164,10 @@ def setup_deepspeed(cfg) -> bool:
                             ('MASTER_ADDR', '127.0.0.1')):
             os.environ.setdefault(name, value)
     load_from = cfg.get('load_from')
-    if load_from and not cfg.get('resume') and os.path.isfile(load_from):
-        # Loaded by init_weights, which DeepSpeedStrategy calls before deepspeed.initialize.
+    if load_from and os.path.isfile(load_from):
+        # Loaded by init_weights, which DeepSpeedStrategy calls before deepspeed.initialize;
+        # --resume then looks for the latest DeepSpeed checkpoint in the work dir (mmengine
+        # would try to resume from load_from, which DeepSpeed cannot read).
         cfg.model.init_cfg = dict(type='Pretrained', checkpoint=load_from)
         cfg.load_from = None
     return True
