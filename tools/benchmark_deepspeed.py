@@ -124,7 +124,7 @@ def main():
         # clipping the gradient norm at the DeepSpeed config's value: the same work.
         amp = ("optim_wrapper = dict(type='AmpOptimWrapper', dtype='bfloat16', "
                if torch.cuda.is_available() else "optim_wrapper = dict(type='CPUAmpOptimWrapper', ")
-        amp += 'clip_grad=dict(max_norm=35.0))'
+        amp += 'clip_grad=dict(_delete_=True, max_norm=35.0))'
         results = {'Runner, bf16 autocast': run('runner', PLAIN, args, work, amp),
                    'DeepSpeed ZeRO-2, bf16': run('deepspeed', DS, args, work)}
     base = results['Runner, bf16 autocast']
