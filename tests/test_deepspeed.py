@@ -27,8 +27,8 @@ import torch
 pytest.importorskip('deepspeed')
 
 from test_tools import (ROOT, TOY_CFG, assert_state_equal, check_world, cityscapes,  # noqa: E402,F401
-                        finish, free_port, last_json, rank_states, run, start, tool_env,
-                        train_py)
+                        free_port, last_json, rank_states, run, start, tool_env, train_py,
+                        train_two_nodes)
 
 DS_CONFIGS = sorted(ROOT.glob('configs/*/*-ds-zero*.py'))
 CLIP = 0.05  # small enough to be active in every iteration of the toy runs
@@ -125,14 +125,7 @@ def test_resume_from_deepspeed_checkpoint_matches_uninterrupted(tmp_path, ds_ref
 
 def test_two_nodes_via_dist_train(tmp_path, ds_reference):
     cfg, ref_work = ds_reference
-    work = tmp_path / 'work'
-    port = free_port()
-    procs = [start(['bash', 'tools/dist_train.sh', cfg, 1, '--work-dir', work],
-                   tool_env(NNODES=2, NODE_RANK=node, MASTER_ADDR='127.0.0.1', PORT=port))
-             for node in (0, 1)]
-    for p in procs:
-        finish(p)
-    states = rank_states(work, 2)
+    states = train_two_nodes(cfg, tmp_path / 'work')
     check_world(states, wrapper='MMDeepSpeedEngineWrapper')
     assert_state_equal(rank_states(ref_work, 2)[0]['state_dict'], states[0]['state_dict'])
 

@@ -169,16 +169,20 @@ def test_dist_train_two_processes_equal_one_with_double_batch(tmp_path, toy_refe
     assert_state_equal(ref['state_dict'], states[0]['state_dict'], rtol=1e-5, atol=1e-6)
 
 
-def test_two_nodes_form_one_world(tmp_path):
-    cfg = write_toy_cfg(tmp_path)
-    work = tmp_path / 'work'  # shared, as on a cluster file system
+def train_two_nodes(cfg, work) -> list:
+    """`dist_train.sh CFG 1` on two "nodes" (NNODES=2 on 127.0.0.1) sharing ``work``, as
+    a cluster file system; the ranks' dumped states."""
     port = free_port()
     procs = [start(['bash', 'tools/dist_train.sh', cfg, 1, '--work-dir', work],
                    tool_env(NNODES=2, NODE_RANK=node, MASTER_ADDR='127.0.0.1', PORT=port))
              for node in (0, 1)]
     for p in procs:
         finish(p)
-    check_world(rank_states(work, 2))
+    return rank_states(work, 2)
+
+
+def test_two_nodes_form_one_world(tmp_path):
+    check_world(train_two_nodes(write_toy_cfg(tmp_path), tmp_path / 'work'))
 
 
 def test_flexible_runner_ddp_strategy_on_cpu(tmp_path):
