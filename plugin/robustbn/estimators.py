@@ -8,7 +8,9 @@ Every estimator is a pure, differentiable function on C-vectors::
 ``count`` values per channel (``count`` may be a Python number or a 0-dim tensor, so a
 count gathered across processes never needs a host sync). The result is what the layer
 normalizes with. The layers' backward differentiates these functions with autograd on the
-C-vectors only, so any estimator added here gets an exact gradient for free.
+C-vectors only, so any estimator added here gets an exact gradient for free. The
+built-in ones also have hand-derived vector-Jacobian products (``ESTIMATOR_VJPS``, the
+closed forms the CUDA fast path's kernel implements), checked against autograd in tests.
 
 Guards shared by all estimators: no 0/0 when a squared norm is zero, log-domain
 geometric means (a product of C variances over/underflows in float32), and too few
@@ -144,6 +146,109 @@ def get_estimator(name: str) -> Estimator:
         return ESTIMATORS[name]
     except (KeyError, TypeError):
         raise ValueError(f'unknown estimator {name!r}; valid: {", ".join(sorted(ESTIMATORS))}') from None
+
+
+# Closed-form vector-Jacobian products: (dL/dm, dL/dv) from (dL/dmean_used, dL/dvar_used),
+# equal to autograd through the functions above, guards included (where a guard selects a
+# constant, the gradient through it is zero; clamp_min passes the gradient where v >= tiny).
+
+def _log_vjp(v: Tensor, grad_log: Tensor) -> Tensor:
+    """VJP of ``_log``: 1/v where v >= tiny (the clamp's gradient), 0 below."""
+    ok = v >= torch.finfo(v.dtype).tiny
+    return torch.where(ok, grad_log / torch.where(ok, v, torch.ones_like(v)), torch.zeros_like(v))
+
+
+def shrink_to_zero_vjp(u: Tensor, g: Tensor, k) -> Tensor:
+    """VJP of a u with a = 1 - k s2/||u||^2 (``paper_mean``: k = (C-2)C/(C+1); ``wacv_shrink``:
+    k = C-2), s2 = mean((u - mean(u))^2); a = 1 and no gradient through it when ||u|| = 0."""
+    c = u.numel()
+    d = u - u.mean()
+    s2 = d.square().mean()
+    q = u.square().sum()
+    ok = q > 0
+    q1 = torch.where(ok, q, torch.ones_like(q))
+    a = 1 - k * torch.where(ok, s2 / q1, torch.zeros_like(q))
+    # da/du = -k (2 d / (C q) - 2 s2 u / q^2)
+    gu = (g * u).sum()
+    da = torch.where(ok, -k * (2 * d / (c * q1) - 2 * s2 * u / q1.square()), torch.zeros_like(u))
+    return a * g + gu * da
+
+
+def paper_var_vjp(v: Tensor, n, h: Tensor) -> Tensor:
+    """VJP of ``paper_var``: r h + M sum(h) G / (C v) (the geometric mean's gradient)."""
+    c = v.numel()
+    r = n / (n + 1)
+    mult = 4 * (c - 1) * r / ((n - 1) * c + 2)
+    return r * h + _log_vjp(v, mult * h.sum() * geometric_mean(v) / c)
+
+
+def efron_morris_vjp(u: Tensor, noise_var, g: Tensor):
+    """VJP of ``efron_morris``: (dL/du, dL/dnoise_var).
+
+    With d = u - mean(u), s = ||d||^2, shrink = (C-3) noise_var / s, f = max(0, 1 - shrink):
+    dL/du = mean(g) + f (g - mean(g)) + 2 [1 - shrink >= 0] (C-3) noise_var (g.d) d / s^2,
+    dL/dnoise_var = -[1 - shrink >= 0] (C-3) (g.d) / s; both shrink terms vanish when s = 0.
+    """
+    c = u.numel()
+    d = u - u.mean()
+    s = d.square().sum()
+    ok = s > 0
+    s1 = torch.where(ok, s, torch.ones_like(s))
+    shrink = torch.where(ok, (c - 3) * noise_var / s1, torch.zeros_like(s))
+    f = (1 - shrink).clamp_min(0)
+    live = ok & (1 - shrink >= 0)  # clamp_min passes the gradient at exactly 0
+    gd = (g * d).sum()
+    gbar = g.mean()
+    du = gbar + f * (g - gbar) + torch.where(live, 2 * (c - 3) * noise_var * gd / s1.square(),
+                                             torch.zeros_like(s)) * d
+    dnv = torch.where(live, -(c - 3) * gd / s1, torch.zeros_like(s))
+    return du, dnv
+
+
+def none_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
+    return d_mu, d_var
+
+
+def paper_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
+    c = m.numel()
+    if c < 3:
+        return d_mu, d_var
+    return shrink_to_zero_vjp(m, d_mu, (c - 2) * c / (c + 1)), paper_var_vjp(v, n, d_var)
+
+
+def paper_mean_only_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
+    c = m.numel()
+    if c < 3:
+        return d_mu, d_var
+    return shrink_to_zero_vjp(m, d_mu, (c - 2) * c / (c + 1)), d_var
+
+
+def wacv_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
+    c = m.numel()
+    if c < 3:
+        return d_mu, d_var
+    return shrink_to_zero_vjp(m, d_mu, c - 2), shrink_to_zero_vjp(v, d_var, c - 2)
+
+
+def classic_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
+    """The means depend on v through tau2 = mean(v)/N; the variances go through log."""
+    c = m.numel()
+    if c < 4:
+        return d_mu, d_var
+    dm, d_tau2 = efron_morris_vjp(m, v.mean() / n, d_mu)
+    lv = _log(v)
+    var = torch.exp(efron_morris(lv, 2 / (n - 1)))
+    d_lv, _ = efron_morris_vjp(lv, 2 / (n - 1), d_var * var)
+    return dm, d_tau2 / (c * n) + _log_vjp(v, d_lv)
+
+
+ESTIMATOR_VJPS: Dict[str, Callable] = {
+    'paper': paper_vjp,
+    'paper_mean': paper_mean_only_vjp,
+    'wacv': wacv_vjp,
+    'classic': classic_vjp,
+    'none': none_vjp,
+}
 
 
 def _spread_ratio(new: Tensor, old: Tensor) -> Tensor:

@@ -18,6 +18,10 @@ the C-vectors gives dL/dm and dL/dv of the batch statistics, and
 
 Statistics are computed in float32 (float64 for float64 input) whatever the input dtype,
 so fp16/bf16 inputs under autocast are normalized with full-precision statistics.
+
+This module is the reference implementation (plain torch, any device). On CUDA,
+``shrunk_batch_norm`` dispatches the built-in estimators to the Triton fast path in
+``robustbn.fast`` (same results up to rounding; the switch is described there).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fast
 from .estimators import Estimator, shrinkage_factors
 
 
@@ -216,9 +221,14 @@ def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 
     ``running_mean``/``running_var`` (or None) get an EMA update with ``avg_factor``;
     ``extra_updates`` more (mean, var, factor) triples; ``ref_stats`` makes it GpreBN.
+    Built-in estimators on CUDA take the fast path (``robustbn.fast``).
     """
     updates = tuple(extra_updates)
     if running_mean is not None and avg_factor > 0:
         updates = ((running_mean, running_var, avg_factor),) + updates
+    name = fast.fast_path_estimator(x, estimator, len(updates))
+    if name is not None:
+        return fast.shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates,
+                                           ref_stats, record)
     return ShrunkBatchNormFunction.apply(x, weight, bias, estimator, eps, group, updates,
                                          ref_stats, record)
