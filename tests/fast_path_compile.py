@@ -44,6 +44,10 @@ VARIANTS = [
     # offsets in int64 (taken from 2^31 elements on; forced here on a small input)
     ('int64_offsets_nchw_bf16', (2, 18, 8, 8), torch.bfloat16, False, 'paper', False, 1, False),
     ('int64_offsets_cl_f32', (2, 18, 8, 8), torch.float32, True, 'paper', False, 1, False),
+    # affine=False (no weight, bias or their gradients); an input without gradient
+    ('no_affine_nchw_f32_wacv', (2, 18, 8, 8), torch.float32, False, 'wacv', False, 1, False),
+    ('no_input_grad_cl_f32_paper', (2, 18, 8, 8), torch.float32, True, 'paper', False, 1,
+     True),
 ]
 
 
@@ -122,23 +126,24 @@ def _captured(log, int64=False):
         ops._int64 = saved_int64
 
 
-def launches(shape, dtype, cl, estimator, ref, n_updates, synced, int64=False):
-    """The kernel launches of one forward and one backward (grad for x, weight, bias)."""
+def launches(shape, dtype, cl, estimator, ref, n_updates, synced, int64=False, affine=True,
+             input_grad=True):
+    """The kernel launches of one forward and one backward."""
     from robustbn.fast import ops
     c = shape[1]
     x = torch.zeros(shape, dtype=dtype)
     if cl:
         x = x.permute(0, *range(2, x.dim()), 1).contiguous().permute(
             0, x.dim() - 1, *range(1, x.dim() - 1))
-    w, b = torch.ones(c), torch.zeros(c)
+    w, b = (torch.ones(c), torch.zeros(c)) if affine else (None, None)
     updates = [(torch.zeros(c), torch.ones(c), 0.1)] * n_updates
     ref_mu, ref_var = (torch.zeros(c), torch.ones(c)) if ref else (None, None)
     group = object() if synced else None
     log = []
     with _captured(log, int64):
         _, stats = ops.forward_impl(x, w, b, estimator, 1e-5, group, updates, ref_mu, ref_var)
-        ops.backward_impl(torch.zeros_like(x), x, w, stats, estimator, 1e-5, group, ref, True,
-                          True, True, torch.float32)
+        ops.backward_impl(torch.zeros_like(x), x, w, stats, estimator, 1e-5, group, ref,
+                          input_grad, affine, affine, torch.float32)
     return log
 
 
@@ -149,7 +154,9 @@ def compile_variant(variant):
     name, shape, dtype, cl, est, ref, n_upd, synced = variant
     problems = []
     for fn, args, kwargs in launches(shape, dtype, cl, est, ref, n_upd, synced,
-                                     name.startswith('int64')):
+                                     int64=name.startswith('int64'),
+                                     affine=not name.startswith('no_affine'),
+                                     input_grad=not name.startswith('no_input_grad')):
         sig, consts = _signature(fn, args, kwargs)
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                 target=GPUTarget(*TARGET),

@@ -98,6 +98,8 @@ def test_builtin_names():
 
 
 def test_switch_and_environment_variable(monkeypatch):
+    monkeypatch.delenv('ROBUSTBN_FAST', raising=False)
+    assert fast._mode_from_env() == 'off'  # the documented default
     for value, mode in (('0', 'off'), ('1', 'on'), ('auto', 'auto'), (' ON ', 'on'),
                         ('off', 'off')):
         monkeypatch.setenv('ROBUSTBN_FAST', value)

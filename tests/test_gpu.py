@@ -1,8 +1,9 @@
 """CUDA equivalences (skipped without a GPU): run with `pytest -m gpu` on a GPU machine.
 
-The layers take the Triton fast path on CUDA (robustbn.fast); the tests below the first
-block compare it with the reference path (``fast_path('off')``), count its kernels, and
-run it under sync debug mode, CUDA-graph capture and torch.compile.
+Every test runs with the fast path in mode 'auto' (off by default): the layers take the
+Triton kernels on CUDA (robustbn.fast). The tests below the first block compare them with
+the reference path (``fast_path('off')``), count their kernels, and run them under sync
+debug mode, CUDA-graph capture and torch.compile.
 """
 import contextlib
 import copy
@@ -21,6 +22,12 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 
 ESTIMATORS = sorted(robustbn.ESTIMATORS)
+
+
+@pytest.fixture(autouse=True)
+def _fast_path_auto():
+    with fast.fast_path('auto'):
+        yield
 
 
 def _x(dtype=torch.float32, shape=(8, 16, 12, 12)):
@@ -126,7 +133,8 @@ def _close(a, b, tol, what):
 
 
 def _compare_paths(make, x, g, tol, steps=2):
-    """The fast path (auto) on make() and the reference on a copy: outputs, grads, buffers."""
+    """The fast path (mode 'auto') on make() and the reference on a copy: outputs, grads,
+    buffers."""
     fast_layer = make()
     ref_layer = copy.deepcopy(fast_layer)
     for step in range(steps):
