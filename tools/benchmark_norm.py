@@ -15,9 +15,7 @@
 # On CPU only the reference path exists (the fast path is CUDA): a smoke run of the script.
 import argparse
 import contextlib
-import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -26,6 +24,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
+from bench_common import bench_main, device_name, fmt, sync, versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
@@ -148,11 +149,6 @@ def inputs(shape, dtype: str, layout: str, device: str):
     return x.requires_grad_(), g
 
 
-def sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 def wall_ms(step, x, g, args) -> float:
     """Median over repeats of the eager wall time per iteration."""
     for _ in range(args.warmup):
@@ -181,25 +177,6 @@ def kernel_stats(step, x, g, args, iters: int = 10):
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.time_range.elapsed_us() for e in events)
     return busy_us / 1000 / iters, len(events) / iters
-
-
-def device_name(device: str) -> str:
-    if device.startswith('cuda'):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
-
-
-def versions() -> str:
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = 'not installed'
-    return f'python {platform.python_version()}, torch {torch.__version__}, triton {tv}'
-
-
-def _fmt(v, spec='.3f'):
-    return 'n/a' if v is None else format(v, spec)
 
 
 def _ratio(v, base):
@@ -246,19 +223,13 @@ def table(rows, args) -> str:
     for r in rows:
         lines.append(f"| {','.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | "
                      f"{LABELS[r['layer']]} | {r['wall_ms']:.3f} | "
-                     f"{_fmt(r['wall_vs_bn'], '.2f')} | {_fmt(r['kernel_ms'])} | "
-                     f"{_fmt(r['kernel_vs_bn'], '.2f')} | {_fmt(r['kernels'], '.0f')} |")
+                     f"{fmt(r['wall_vs_bn'], '.2f')} | {fmt(r['kernel_ms'])} | "
+                     f"{fmt(r['kernel_vs_bn'], '.2f')} | {fmt(r['kernels'], '.0f')} |")
     return '\n'.join(lines)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rows = run(args)
-    print(table(rows, args))
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(device=device_name(args.device),
-                                                  versions=versions(), rows=rows), indent=2))
-    return rows
+    return bench_main(parse_args, run, table, argv)
 
 
 if __name__ == '__main__':

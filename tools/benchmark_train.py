@@ -14,8 +14,6 @@
 #       --iters 1 --warmup 1                                   # a quick CPU smoke run
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +21,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
+from bench_common import bench_main, device_name, fmt, sync, versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
@@ -112,11 +113,6 @@ def build_cls(norm: str, args):
     return model, loss_fn
 
 
-def sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 def time_training(model, loss_fn, dtype: str, args):
     """(median ms / iteration, peak MiB or None)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -144,25 +140,6 @@ def time_training(model, loss_fn, dtype: str, args):
         times.append((time.perf_counter() - start) * 1000)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == 'cuda' else None
     return statistics.median(times), peak
-
-
-def device_name(device: str) -> str:
-    if device.startswith('cuda'):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
-
-
-def versions() -> str:
-    import mmcv
-    import mmengine
-    import mmseg
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = 'not installed'
-    return (f'python {platform.python_version()}, torch {torch.__version__}, triton {tv}, '
-            f'mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmseg {mmseg.__version__}')
 
 
 def run(args):
@@ -198,12 +175,8 @@ def run(args):
     return rows
 
 
-def _fmt(v, spec):
-    return 'n/a' if v is None else format(v, spec)
-
-
 def table(rows, args) -> str:
-    lines = [f'Device: {device_name(args.device)}; {versions()}; estimator {args.estimator!r}; '
+    lines = [f'Device: {device_name(args.device)}; {versions(openmmlab=True)}; estimator {args.estimator!r}; '
              f'median of {args.iters} iterations after {args.warmup} warm-up'
              + ('; ResNet-50 channels_last' if args.channels_last else ''), '',
              '| model | norm | JS path | dtype | batch shape | ms / iter | x BN | '
@@ -212,19 +185,13 @@ def table(rows, args) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['norm']} | {r['path']} | {r['dtype']} | "
                      f"{'x'.join(map(str, r['shape']))} | {r['ms']:.1f} | "
-                     f"{_fmt(r['ms_vs_bn'], '.2f')} | {_fmt(r['peak_mib'], '.0f')} | "
-                     f"{_fmt(r['peak_vs_bn'], '.2f')} |")
+                     f"{fmt(r['ms_vs_bn'], '.2f')} | {fmt(r['peak_mib'], '.0f')} | "
+                     f"{fmt(r['peak_vs_bn'], '.2f')} |")
     return '\n'.join(lines)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rows = run(args)
-    print(table(rows, args))
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(device=device_name(args.device),
-                                                  versions=versions(), rows=rows), indent=2))
-    return rows
+    return bench_main(parse_args, run, table, argv, openmmlab=True)
 
 
 if __name__ == '__main__':
