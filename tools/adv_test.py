@@ -13,13 +13,10 @@ import os
 import os.path as osp
 import time
 
-from mmengine.config import Config, DictAction
+import run_common
 from mmengine.dist import get_dist_info
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from run_common import add_launch_args, load_config, parse
 from tqdm import tqdm
-
-from robustbn.launcher import setup_cpu_distributed
 
 CLEAN = 'clean'  # eps 0: the unattacked images (torchattacks' VANILA), shared by all curves
 
@@ -48,14 +45,8 @@ def parse_args():
     parser.add_argument('--work-dir', help='directory for logs (and outputs)')
     parser.add_argument('--out', help='JSON file to write (PNG next to it); default '
                         'WORK_DIR/adv_sweep.json')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config(s), key=value')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    add_launch_args(parser, 'override settings of the config(s), key=value')
+    args = parse(parser)
     n = len(args.checkpoints)
     for opt in ('ckpt_configs', 'labels'):
         if getattr(args, opt) is not None and len(getattr(args, opt)) != n:
@@ -69,7 +60,7 @@ def parse_args():
 
 def sweep_attacks(args):
     """Attack configs, and {curve: [(x, attack name), ...]}."""
-    from robustbn.adversarial.attacks import attack_name
+    from robustbn.openmmlab.adversarial.attacks import attack_name
 
     attacks, curves = [dict(type='VANILA', name=CLEAN)], {}
     for kind in args.attacks:
@@ -100,19 +91,11 @@ def sweep_attacks(args):
 
 
 def build_runner(config, args, index):
-    cfg = Config.fromfile(config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    cfg = load_config(config, args)
     cfg.load_from, cfg.resume = None, False
     # One MMLogger/MessageHub per runner in this process.
     cfg.experiment_name = f'adv_sweep_{index}_{time.strftime("%Y%m%d_%H%M%S")}'
-    setup_cpu_distributed(cfg)  # without CUDA: gloo process group and CPU DDP (no-op else)
-    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    return run_common.build_runner(cfg)
 
 
 def per_rank_samples(loader, max_samples):
@@ -144,7 +127,7 @@ def plot(path, table, curves, metric):
 
 def main():
     args = parse_args()
-    from robustbn.adversarial.evaluate import evaluate_attacks
+    from robustbn.openmmlab.adversarial.evaluate import evaluate_attacks
 
     attacks, curves = sweep_attacks(args)
     configs = args.ckpt_configs or [args.config] * len(args.checkpoints)

@@ -84,8 +84,12 @@ def main():
 
     import torch.nn.functional as F
 
-    from robustbn.adversarial.attacks import (AttackedModel, attack_labels, build_attack,
-                                              perturb)
+    from robustbn.openmmlab.adversarial.attacks import (
+        AttackedModel,
+        attack_labels,
+        build_attack,
+        perturb,
+    )
 
     model = build(args)
     data = batch(args, model.decode_head.num_classes)

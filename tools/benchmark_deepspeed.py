@@ -128,7 +128,8 @@ def main():
         results = {'Runner, bf16 autocast': run('runner', PLAIN, args, work, amp),
                    'DeepSpeed ZeRO-2, bf16': run('deepspeed', DS, args, work)}
     base = results['Runner, bf16 autocast']
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or 'cpu'
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else platform.processor() or 'cpu')
     import deepspeed
     import mmengine
     print(f'fcn_hr18 SyncJSBN, batch 2 at {"64x128" if args.tiny else "512x1024"}, '

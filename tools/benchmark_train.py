@@ -96,7 +96,7 @@ def build_seg(norm: str, args):
 
 def build_cls(norm: str, args):
     import robustbn  # noqa: F401
-    from robustbn.models import TorchvisionResNet
+    from robustbn.openmmlab.models import TorchvisionResNet
     backbone = TorchvisionResNet(depth=50, norm_cfg=norm_cfg(norm, args))
     model = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000))
     model = model.to(args.device).train()
@@ -176,7 +176,8 @@ def run(args):
 
 
 def table(rows, args) -> str:
-    lines = [f'Device: {device_name(args.device)}; {versions(openmmlab=True)}; estimator {args.estimator!r}; '
+    lines = [f'Device: {device_name(args.device)}; {versions(openmmlab=True)}; '
+             f'estimator {args.estimator!r}; '
              f'median of {args.iters} iterations after {args.warmup} warm-up'
              + ('; ResNet-50 channels_last' if args.channels_last else ''), '',
              '| model | norm | JS path | dtype | batch shape | ms / iter | x BN | '

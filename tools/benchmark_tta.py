@@ -1,6 +1,6 @@
 # Adaptation throughput (images/s) of the test-time adaptation methods on ResNet-50
 # (robustbn's TorchvisionResNet in ImageClassifier, batch 64 at 224 px) and mmseg's
-# FCN-HRNetV2-W18 (configs/seg, batch 2 at 512x1024), through robustbn.tta.Adapter: what
+# FCN-HRNetV2-W18 (configs/seg, batch 2 at 512x1024), through robustbn.openmmlab.tta.Adapter: what
 # TestTimeAdaptLoop runs per batch (data preprocessing, forward in predict mode, entropy,
 # backward, optimizer step). One synthetic batch already on the device is adapted on
 # repeatedly, so data loading is not timed. Prints a markdown table with device and
@@ -42,10 +42,11 @@ def parse_args():
 
 
 def build_model(name: str, device: str):
-    import robustbn  # noqa: F401  (registers the models)
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS
+
+    import robustbn  # noqa: F401  (registers the models)
 
     if name == 'resnet50':
         model = MODELS.build(Config.fromfile(CLS_CONFIG).model)
@@ -87,7 +88,7 @@ def sync(device: str) -> None:
 
 def bench(model, name, method, batch, args) -> float:
     """Seconds per batch."""
-    from robustbn.tta import Adapter
+    from robustbn.openmmlab.tta import Adapter
 
     if method == 'source':
         def step(b):

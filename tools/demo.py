@@ -22,10 +22,9 @@ import matplotlib  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import plot_shrinkage  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-
-import plot_shrinkage  # noqa: E402
 
 MODELS = {'SyncJSBN': 'configs/cls/resnet9_digits_syncjsbn.py',
           'BN': 'configs/cls/resnet9_digits_bn.py'}

@@ -1,14 +1,11 @@
 # Test (and evaluate) a checkpoint from an mmengine config (mmsegmentation's
-# tools/test.py, plus CPU/gloo multi-process launch; see robustbn.launcher).
+# tools/test.py, plus CPU/gloo multi-process launch; see robustbn.openmmlab.launcher).
 import argparse
-import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from run_common import add_launch_args, build_runner, load_config, parse
 
-from robustbn.launcher import is_deepspeed, setup_cpu_distributed
+from robustbn.openmmlab.launcher import is_deepspeed
 
 
 def parse_args():
@@ -33,29 +30,9 @@ def parse_args():
     parser.add_argument(
         '--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument(
         '--tta', action='store_true', help='Test time augmentation')
-    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank;
-    # torchrun sets LOCAL_RANK instead.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launch_args(parser)
+    return parse(parser)
 
 
 def trigger_visualization_hook(cfg, args):
@@ -77,17 +54,8 @@ def trigger_visualization_hook(cfg, args):
 def main():
     args = parse_args()
 
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    # work_dir is determined in this priority: CLI > segment in file > filename
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    # work_dir: --work-dir > the config's > ./work_dirs/CONFIG_NAME
+    cfg = load_config(args.config, args)
 
     if osp.isdir(args.checkpoint):
         # DeepSpeed's engine cannot be built without an optimizer under ZeRO 1-2.
@@ -116,15 +84,7 @@ def main():
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
 
-    # Without CUDA: gloo process group and CPU DDP (no-op otherwise).
-    setup_cpu_distributed(cfg)
-
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-
-    runner.test()
+    build_runner(cfg).test()
 
 
 if __name__ == '__main__':

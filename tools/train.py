@@ -1,17 +1,14 @@
 # Train a model from an mmengine config (mmsegmentation's tools/train.py, plus CPU/gloo
-# multi-process launch and CPU bfloat16 --amp; see robustbn.launcher and robustbn.amp).
+# multi-process launch and CPU bfloat16 --amp; see robustbn.openmmlab.launcher and
+# robustbn.openmmlab.amp).
 import argparse
 import logging
-import os
-import os.path as osp
 
 import torch
-from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from run_common import add_launch_args, build_runner, load_config, parse
 
-from robustbn.launcher import setup_cpu_distributed, setup_deepspeed
+from robustbn.openmmlab.launcher import setup_deepspeed
 
 
 def parse_args():
@@ -29,28 +26,8 @@ def parse_args():
         default=False,
         help='enable automatic-mixed-precision training (float16 on GPU, '
         'bfloat16 on CPU; DeepSpeed configs: the strategy\'s bf16)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank;
-    # torchrun sets LOCAL_RANK instead.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launch_args(parser)
+    return parse(parser)
 
 
 def enable_amp(cfg):
@@ -78,35 +55,17 @@ def enable_amp(cfg):
 def main():
     args = parse_args()
 
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    # work_dir is determined in this priority: CLI > segment in file > filename
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    # work_dir: --work-dir > the config's > ./work_dirs/CONFIG_NAME
+    cfg = load_config(args.config, args)
 
     if args.amp:
         enable_amp(cfg)
 
     cfg.resume = args.resume
 
-    # Without CUDA: gloo process group and CPU DDP (no-op otherwise).
-    setup_cpu_distributed(cfg)
     # DeepSpeed: a process group of one without a launcher; a plain .pth in load_from.
     setup_deepspeed(cfg)
-
-    # runner_type (e.g. FlexibleRunner) is looked up in mmengine's root registry.
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':

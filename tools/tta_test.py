@@ -13,15 +13,16 @@ import json
 import os
 import os.path as osp
 import platform
+import sys
 
 import torch
-from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.config import ConfigDict
 from mmengine.dist import get_dist_info
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
-from robustbn.launcher import setup_cpu_distributed
-from robustbn.tta.methods import METHODS
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/run_common.py (when imported)
+from run_common import add_launch_args, build_runner, default_work_dir, load_config, parse  # noqa: E402
+
+from robustbn.openmmlab.tta.methods import METHODS  # noqa: E402
 
 # The 15 benchmark corruptions of CIFAR-10-C / ImageNet-C (Hendrycks & Dietterich 2019);
 # on-the-fly ImageNetCorruption data default to the ones it supports.
@@ -49,14 +50,8 @@ def parse_args(argv=None):
                         'that the evaluator returns); error = 100 - metric')
     parser.add_argument('--work-dir', help='where the tables and the runs\' logs go '
                         '(default ./work_dirs/tta/CONFIG_NAME)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, key=value')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    add_launch_args(parser, 'override settings of the config, key=value')
+    args = parse(parser, argv)
     if args.max_samples is not None and args.max_samples < 1:
         parser.error('--max-samples must be >= 1')
     return args
@@ -75,7 +70,7 @@ def default_corruptions(dataset) -> list:
     def on_the_fly(ds):
         return bool(_pipeline_corruptions(ds)) or any(on_the_fly(d) for d in _wrapped(ds))
     if on_the_fly(dataset):
-        from robustbn.datasets import CORRUPTIONS as SUPPORTED
+        from robustbn.openmmlab.datasets import CORRUPTIONS as SUPPORTED
         return list(SUPPORTED)
     return list(CORRUPTIONS)
 
@@ -143,12 +138,8 @@ def markdown(table: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    work_dir = args.work_dir or osp.join('./work_dirs/tta',
-                                         osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args, work_dir=False)
+    work_dir = args.work_dir or default_work_dir(args.config, './work_dirs/tta')
     cfg.load_from = args.checkpoint
     if cfg.get('test_dataloader') is None or cfg.get('test_evaluator') is None:
         raise ValueError('the config needs test_dataloader and test_evaluator')
@@ -158,7 +149,6 @@ def main(argv=None):
                    args.severities[0])
     if args.max_samples is not None:
         cfg.test_dataloader.dataset.indices = args.max_samples
-    setup_cpu_distributed(cfg)  # gloo without CUDA (no-op otherwise)
 
     rows, metric_key = [], args.metric
     for corruption in corruptions:
@@ -171,9 +161,7 @@ def main(argv=None):
                 name = f'{corruption}_s{severity}_{method}'
                 run_cfg.work_dir = osp.join(work_dir, 'runs', name)
                 run_cfg.experiment_name = name
-                runner = (Runner.from_cfg(run_cfg) if 'runner_type' not in run_cfg
-                          else RUNNERS.build(run_cfg))
-                metrics = runner.test()
+                metrics = build_runner(run_cfg).test()
                 metric_key, row['error'][method] = error_of(metrics, metric_key)
                 row['metrics'][method] = {k: float(v) for k, v in metrics.items()
                                           if isinstance(v, (int, float))}

@@ -6,8 +6,8 @@ from typing import Type, Union
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .gprebn import GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN, _GpreBatchNorm
-from .jsbn import JSBN1d, JSBN2d, JSBN3d, SyncJSBN, _JSBatchNorm
+from .gprebn import GpreBatchNorm, GpreBN1d, GpreBN2d, GpreBN3d, SyncGpreBN
+from .jsbn import JSBatchNorm, JSBN1d, JSBN2d, JSBN3d, SyncJSBN
 
 _BY_NAME = {'JSBN1d': JSBN1d, 'JSBN2d': JSBN2d, 'JSBN3d': JSBN3d, 'SyncJSBN': SyncJSBN,
             'GpreBN1d': GpreBN1d, 'GpreBN2d': GpreBN2d, 'GpreBN3d': GpreBN3d,
@@ -29,7 +29,8 @@ class BatchNormXd(_BatchNorm):
             raise ValueError(f'expected at least 2D input (got {x.dim()}D input)')
 
 
-def _dim_of(module: _BatchNorm):
+def dim_of(module: _BatchNorm):
+    """1, 2 or 3 for a BatchNorm1d/2d/3d-like layer, None for one of any rank (Sync*)."""
     for cls in type(module).__mro__:
         if cls in _DIM_OF:
             return _DIM_OF[cls]
@@ -42,7 +43,7 @@ def _target_class(module: _BatchNorm, norm: Union[str, Type[_BatchNorm]]):
     if norm in _BY_NAME:
         return _BY_NAME[norm]
     if norm in _BY_DIM:
-        dim = _dim_of(module)
+        dim = dim_of(module)
         if dim is None:
             raise ValueError(f"cannot tell the input rank of {type(module).__name__}: use "
                              f"'{norm}1d', '{norm}2d', '{norm}3d' or 'Sync{norm}'")
@@ -61,7 +62,7 @@ def _swap(old: _BatchNorm, cls, **kwargs) -> _BatchNorm:
     if old.track_running_stats and new.track_running_stats:
         new.running_mean, new.running_var = old.running_mean, old.running_var
         new.num_batches_tracked = old.num_batches_tracked
-    if isinstance(new, _GpreBatchNorm):
+    if isinstance(new, GpreBatchNorm):
         new.reset_target()  # the test-time EMA starts from the (new) source statistics
     new.train(old.training)
     return new
@@ -88,6 +89,8 @@ def convert_norm(model: nn.Module, norm: Union[str, Type[_BatchNorm]] = 'SyncJSB
     ``layer_kwargs`` (e.g. ``estimator='classic'``) go to the new layers' constructor.
     Returns the converted model (the same object unless ``model`` itself is a BN layer).
     """
+    _check_convertible(model)  # before any change: a bad model is left as it was
+
     def make(m):
         if isinstance(m, _BatchNorm):
             return _swap(m, _target_class(m, norm), **layer_kwargs)
@@ -95,16 +98,35 @@ def convert_norm(model: nn.Module, norm: Union[str, Type[_BatchNorm]] = 'SyncJSB
     return _replace(model, make)
 
 
+# BatchNorm forwards that a swap reproduces exactly (plain torch BN, SyncBatchNorm).
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _check_convertible(model: nn.Module) -> None:
+    """A ``_BatchNorm`` subclass with its own forward (timm's BatchNormAct2d fuses an
+    activation, for example) would lose that forward when swapped: refuse it clearly."""
+    for name, m in model.named_modules():
+        if (isinstance(m, _BatchNorm) and not isinstance(m, (JSBatchNorm, GpreBatchNorm))
+                and type(m).forward not in _PLAIN_FORWARDS):
+            cls = type(m)
+            raise ValueError(
+                f"convert_norm: {cls.__module__}.{cls.__qualname__} at '{name or '(model)'}' "
+                'overrides BatchNorm.forward (e.g. with a fused activation), which a swap '
+                'would drop; build the model with plain BatchNorm layers (e.g. timm: '
+                "norm_layer='batchnorm2d' where the model takes one) or swap those layers "
+                'yourself. The model was not changed.')
+
+
 def revert_norm(model: nn.Module) -> nn.Module:
     """Replace every JS-BN and GpreBN layer by torch BatchNorm1d/2d/3d (the Sync ones by
     ``BatchNormXd``), keeping weights, running (source) statistics, ``requires_grad`` and
     the train/eval mode."""
     def make(m):
-        if isinstance(m, (_JSBatchNorm, _GpreBatchNorm)):
-            dim = _dim_of(m)
+        if isinstance(m, (JSBatchNorm, GpreBatchNorm)):
+            dim = dim_of(m)
             return _swap(m, _BN_BY_DIM[dim] if dim else BatchNormXd)
         return None
     return _replace(model, make)
 
 
-__all__ = ['convert_norm', 'revert_norm', 'BatchNormXd']
+__all__ = ['convert_norm', 'revert_norm', 'BatchNormXd', 'dim_of']

@@ -7,10 +7,14 @@ Every estimator is a pure, differentiable function on C-vectors::
 ``mean`` and ``var`` are the per-channel batch mean and *biased* batch variance over
 ``count`` values per channel (``count`` may be a Python number or a 0-dim tensor, so a
 count gathered across processes never needs a host sync). The result is what the layer
-normalizes with. The layers' backward differentiates these functions with autograd on the
-C-vectors only, so any estimator added here gets an exact gradient for free. The
-built-in ones also have hand-derived vector-Jacobian products (``ESTIMATOR_VJPS``, the
-closed forms the CUDA fast path's kernel implements), checked against autograd in tests.
+normalizes with.
+
+Each estimator is declared once in ``ESTIMATORS`` (an :class:`EstimatorSpec`): its
+function, its closed-form vector-Jacobian product (hand-derived, checked against autograd
+in tests; the CUDA fast path's kernels implement the same formulas), the channel count
+below which it leaves the batch statistics unchanged, and its fast-path code. Users add
+their own with :func:`register_estimator`; their gradient comes from autograd on the
+C-vectors.
 
 Guards shared by all estimators: no 0/0 when a squared norm is zero, log-domain
 geometric means (a product of C variances over/underflows in float32), and too few
@@ -18,12 +22,13 @@ channels for shrinkage to make sense returns the inputs unchanged.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 Estimator = Callable[[Tensor, Tensor, object], Tuple[Tensor, Tensor]]
+EstimatorVJP = Callable[[Tensor, Tensor, object, Tensor, Tensor], Tuple[Tensor, Tensor]]
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -96,24 +101,17 @@ def none(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
 
 
 def paper(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
-    """2025 JS-BN paper: ``paper_mean`` for the means, ``paper_var`` for the variances.
-    C < 3 returns the batch statistics."""
-    if m.numel() < 3:
-        return m, v
+    """2025 JS-BN paper: ``paper_mean`` for the means, ``paper_var`` for the variances."""
     return paper_mean(m), paper_var(v, n)
 
 
 def paper_mean_only(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
-    """2025 JS-BN paper's mean estimator with the plain batch variance. C < 3: unchanged."""
-    if m.numel() < 3:
-        return m, v
+    """2025 JS-BN paper's mean estimator with the plain batch variance."""
     return paper_mean(m), v
 
 
 def wacv(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
-    """JSNorm (WACV 2024): ``wacv_shrink`` on the means and on the variances. C < 3: unchanged."""
-    if m.numel() < 3:
-        return m, v
+    """JSNorm (WACV 2024): ``wacv_shrink`` on the means and on the variances."""
     return wacv_shrink(m), wacv_shrink(v)
 
 
@@ -122,30 +120,10 @@ def classic(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
 
     means:     ``efron_morris(m, tau2)`` with tau2 = mean_k(v_k) / N (variance of a mean);
     variances: ``exp(efron_morris(log v, 2 / (N-1)))`` (variance of a log sample variance).
-    C < 4: unchanged (no risk improvement below 4 channels).
     """
-    if m.numel() < 4:
-        return m, v
     m_js = efron_morris(m, v.mean() / n)
     v_js = torch.exp(efron_morris(_log(v), 2 / (n - 1)))
     return m_js, v_js
-
-
-ESTIMATORS: Dict[str, Estimator] = {
-    'paper': paper,
-    'paper_mean': paper_mean_only,
-    'wacv': wacv,
-    'classic': classic,
-    'none': none,
-}
-
-
-def get_estimator(name: str) -> Estimator:
-    """The estimator called ``name``; a ValueError lists the valid names otherwise."""
-    try:
-        return ESTIMATORS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f'unknown estimator {name!r}; valid: {", ".join(sorted(ESTIMATORS))}') from None
 
 
 # Closed-form vector-Jacobian products: (dL/dm, dL/dv) from (dL/dmean_used, dL/dvar_used),
@@ -211,30 +189,22 @@ def none_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tens
 
 def paper_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
     c = m.numel()
-    if c < 3:
-        return d_mu, d_var
     return shrink_to_zero_vjp(m, d_mu, (c - 2) * c / (c + 1)), paper_var_vjp(v, n, d_var)
 
 
 def paper_mean_only_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
     c = m.numel()
-    if c < 3:
-        return d_mu, d_var
     return shrink_to_zero_vjp(m, d_mu, (c - 2) * c / (c + 1)), d_var
 
 
 def wacv_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
     c = m.numel()
-    if c < 3:
-        return d_mu, d_var
     return shrink_to_zero_vjp(m, d_mu, c - 2), shrink_to_zero_vjp(v, d_var, c - 2)
 
 
 def classic_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
     """The means depend on v through tau2 = mean(v)/N; the variances go through log."""
     c = m.numel()
-    if c < 4:
-        return d_mu, d_var
     dm, d_tau2 = efron_morris_vjp(m, v.mean() / n, d_mu)
     lv = _log(v)
     var = torch.exp(efron_morris(lv, 2 / (n - 1)))
@@ -242,13 +212,120 @@ def classic_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[T
     return dm, d_tau2 / (c * n) + _log_vjp(v, d_lv)
 
 
-ESTIMATOR_VJPS: Dict[str, Callable] = {
-    'paper': paper_vjp,
-    'paper_mean': paper_mean_only_vjp,
-    'wacv': wacv_vjp,
-    'classic': classic_vjp,
-    'none': none_vjp,
-}
+class EstimatorSpec:
+    """One estimator, declared once: its function, what the layers need to know about it.
+
+    Args:
+        name: the name layers and configs use (``estimator='paper'``).
+        fn: ``fn(mean, var, count) -> (mean_used, var_used)`` on C-vectors (see above).
+        vjp: closed-form vector-Jacobian product ``vjp(mean, var, count, d_mean_used,
+            d_var_used) -> (d_mean, d_var)``, or None: autograd through ``fn``.
+        min_channels: below this many channels the batch statistics are used unchanged
+            (shrinkage across channels needs enough of them).
+        fast_code: the branch of the CUDA kernels (``robustbn.fast``) that implements
+            ``fn`` and ``vjp``, or None: always the reference path.
+
+    Calling a spec applies the channel guard, then ``fn``.
+    """
+
+    __slots__ = ('name', 'fn', 'vjp', 'min_channels', 'fast_code')
+
+    def __init__(self, name: str, fn: Estimator, vjp: Optional[EstimatorVJP] = None,
+                 min_channels: int = 0, fast_code: Optional[int] = None) -> None:
+        self.name, self.fn, self.vjp = name, fn, vjp
+        self.min_channels, self.fast_code = min_channels, fast_code
+
+    def shrinks(self, channels: int) -> bool:
+        return channels >= self.min_channels
+
+    def __call__(self, m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
+        return self.fn(m, v, n) if self.shrinks(m.numel()) else (m, v)
+
+    def backward(self, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
+        """(dL/dm, dL/dv) from (dL/dmean_used, dL/dvar_used): the closed form if declared,
+        else autograd through ``fn``."""
+        if not self.shrinks(m.numel()):
+            return d_mu, d_var
+        if self.vjp is not None:
+            return self.vjp(m, v, n, d_mu, d_var)
+        return autograd_vjp(self.fn, m, v, n, d_mu, d_var)
+
+    def __repr__(self) -> str:
+        return f'EstimatorSpec({self.name!r})'
+
+
+def autograd_vjp(fn: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
+    """The VJP of any estimator function by autograd on the C-vectors."""
+    with torch.enable_grad():
+        m_ = m.detach().requires_grad_()
+        v_ = v.detach().requires_grad_()
+        mu, var = fn(m_, v_, n)
+        dm, dv = torch.autograd.grad((mu, var), (m_, v_), (d_mu, d_var), allow_unused=True)
+    return (torch.zeros_like(m) if dm is None else dm), (torch.zeros_like(v) if dv is None else dv)
+
+
+class _Registry(dict):
+    """name -> EstimatorSpec; entries are added with :func:`register_estimator` only, so
+    each one carries its declaration (a bare function would lack it)."""
+
+    def __setitem__(self, name, value):
+        raise TypeError(f'add estimators with robustbn.register_estimator({name!r}, fn), '
+                        'not by assigning to ESTIMATORS')
+
+
+ESTIMATORS: Dict[str, EstimatorSpec] = _Registry()
+
+
+def register_estimator(name: str, fn: Estimator, *, vjp: Optional[EstimatorVJP] = None,
+                       min_channels: int = 0) -> EstimatorSpec:
+    """Make ``fn`` available to every layer as ``estimator=name`` (configs included).
+
+    ``fn(mean, var, count) -> (mean_used, var_used)`` must be differentiable with torch
+    ops: the layers' backward uses ``vjp`` if given, else autograd through ``fn``. User
+    estimators always run on the reference path (the CUDA kernels implement the built-in
+    ones only), whatever the fast-path mode. Returns the registered spec.
+
+    Example::
+
+        >>> def half_mean(m, v, n):
+        ...     return 0.5 * m, v
+        >>> robustbn.register_estimator('half_mean', half_mean)
+        >>> layer = robustbn.JSBN2d(16, estimator='half_mean')
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f'an estimator name must be a non-empty string, got {name!r}')
+    if name in ESTIMATORS or name == 'sample':
+        raise ValueError(f'estimator {name!r} is already registered')
+    if not callable(fn) or (vjp is not None and not callable(vjp)):
+        raise TypeError(f'estimator {name!r}: fn and vjp must be callables')
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+        raise ValueError(f'estimator {name!r}: min_channels must be an int >= 0, '
+                         f'got {min_channels!r}')
+    spec = EstimatorSpec(name, fn, vjp, min_channels)
+    dict.__setitem__(ESTIMATORS, name, spec)
+    return spec
+
+
+def get_estimator(name: str) -> EstimatorSpec:
+    """The estimator called ``name``; a ValueError lists the valid names otherwise."""
+    try:
+        return ESTIMATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f'unknown estimator {name!r}; valid: '
+                         f'{", ".join(sorted(ESTIMATORS))}') from None
+
+
+# The built-in estimators. min_channels: C - 2 (resp. C - 3) must be positive for the
+# shrinkage to make sense; 'classic' gives no risk improvement below 4 channels.
+# fast_code: the EST branch of robustbn/fast/vector_kernels.py (0 is also every estimator
+# below its minimum channel count).
+for _spec in (EstimatorSpec('none', none, none_vjp, 0, 0),
+              EstimatorSpec('paper', paper, paper_vjp, 3, 1),
+              EstimatorSpec('paper_mean', paper_mean_only, paper_mean_only_vjp, 3, 2),
+              EstimatorSpec('wacv', wacv, wacv_vjp, 3, 3),
+              EstimatorSpec('classic', classic, classic_vjp, 4, 4)):
+    dict.__setitem__(ESTIMATORS, _spec.name, _spec)
+del _spec
 
 
 def _spread_ratio(new: Tensor, old: Tensor) -> Tensor:
@@ -272,4 +349,5 @@ def shrinkage_factors(m: Tensor, v: Tensor, mu: Tensor, var: Tensor) -> Tensor:
       'paper').
     """
     lv, lvar = _log(v), _log(var)
-    return torch.stack([_spread_ratio(mu, m), _spread_ratio(lvar, lv), torch.exp((lvar - lv).mean())])
+    return torch.stack([_spread_ratio(mu, m), _spread_ratio(lvar, lv),
+                        torch.exp((lvar - lv).mean())])

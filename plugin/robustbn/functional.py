@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fast
-from .estimators import Estimator, shrinkage_factors
+from .estimators import Estimator, EstimatorSpec, autograd_vjp, shrinkage_factors
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,8 +179,9 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                 [False, True, True])
         else:
             sum_g, sum_gx = torch.zeros_like(mu), torch.zeros_like(mu)
-        grad_weight = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        need = ctx.needs_input_grad
+        grad_weight = sum_gx.to(weight.dtype) if weight is not None and need[1] else None
+        grad_bias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
 
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -203,13 +204,11 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
 
 
 def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
-    """(dL/dm, dL/dv) from (dL/dmu, dL/dvar) through the estimator, on the C-vectors."""
-    with torch.enable_grad():
-        m_ = m.detach().requires_grad_()
-        v_ = v.detach().requires_grad_()
-        mu, var = estimator(m_, v_, n)
-        dm, dv = torch.autograd.grad((mu, var), (m_, v_), (d_mu, d_var), allow_unused=True)
-    return (torch.zeros_like(m) if dm is None else dm), (torch.zeros_like(v) if dv is None else dv)
+    """(dL/dm, dL/dv) from (dL/dmu, dL/dvar) through the estimator, on the C-vectors: a
+    registered estimator's declared VJP, autograd for any other callable."""
+    if isinstance(estimator, EstimatorSpec):
+        return estimator.backward(m, v, n, d_mu, d_var)
+    return autograd_vjp(estimator, m, v, n, d_mu, d_var)
 
 
 def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -227,7 +226,7 @@ def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if running_mean is not None and avg_factor > 0:
         updates = ((running_mean, running_var, avg_factor),) + updates
     name = fast.fast_path_estimator(x, estimator, len(updates))
-    if name is not None:
+    if name is not None:  # a built-in estimator the kernels implement
         return fast.shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates,
                                            ref_stats, record)
     return ShrunkBatchNormFunction.apply(x, weight, bias, estimator, eps, group, updates,

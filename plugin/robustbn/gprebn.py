@@ -20,18 +20,51 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .base import ShrunkBatchNorm, check_batch_stats_input, ema_factor
 from .estimators import get_estimator
 from .functional import normalize, shrunk_batch_norm
-from .jsbn import (JSBN1d, JSBN2d, JSBN3d, SyncJSBN, check_batch_stats_input, check_channels,
-                   ema_factor, sync_group)
 
 TARGET_BUFFERS = ('target_mean', 'target_var')
 
 
-class _GpreBatchNorm(_BatchNorm):
-    _abbr_ = 'bn'
+_GROUP_ARG = """        process_group: the group to synchronize over; None: the default (world)
+            group.
+"""
+_ARGS = r"""
+    Args:
+        num_features: :math:`C` from an expected input of size :math:`({shape})`.
+        eps: a value added to the denominator for numerical stability. Default: 1e-5
+        momentum: the source running statistics' EMA factor, used only with
+            ``update_source_stats=True`` (``None``: cumulative average). Default: 0.1
+        affine: when ``True``, the layer has learnable affine parameters (the ones
+            test-time adaptation optimizes). Default: ``True``
+        track_running_stats: must be ``True``: the running statistics are the source
+            statistics.
+        theta: weight of the test-time average in the dataset statistics,
+            mu = theta * target_mean + (1 - theta) * running_mean (the same for the
+            variance); 0 is the source model. Default: 1.0
+        target_momentum: EMA factor of the test-time average (``target_mean``,
+            ``target_var``) per training-mode forward. Default: 0.05
+        batch_estimator: ``'sample'`` (plain batch statistics, the paper) or a JS-BN
+            estimator name that shrinks the batch statistics. Default: ``'sample'``
+        update_source_stats: also update the source running statistics with the batch
+            statistics (with ``momentum``). Default: ``False``
+{extra}
+    Shape:
+        - Input: :math:`({shape})`
+        - Output: :math:`({shape})` (same shape as input)
+
+    Examples::
+
+        >>> m = robustbn.{name}(100)
+        >>> m.load_state_dict(nn.BatchNorm{bn}(100).state_dict())  # source statistics
+        >>> output = m.train()(torch.randn({input}))  # value: BN with the dataset statistics
+"""
+
+
+class GpreBatchNorm(ShrunkBatchNorm):
+    """Base of the GpreBN layers (not for direct use): dataset statistics and the forward."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, theta: float = 1.0,
@@ -46,7 +79,7 @@ class _GpreBatchNorm(_BatchNorm):
             raise ValueError(f'target_momentum must be in [0, 1], got {target_momentum}')
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         # 'sample' = plain batch statistics; a JS-BN estimator name shrinks them.
-        self._estimator_fn = get_estimator('none' if batch_estimator == 'sample'
+        self._estimator = get_estimator('none' if batch_estimator == 'sample'
                                            else batch_estimator)
         self.batch_estimator = batch_estimator
         self.theta = theta
@@ -82,12 +115,8 @@ class _GpreBatchNorm(_BatchNorm):
         var = torch.lerp(self.running_var, self.target_var, self.theta)
         return mu, var
 
-    def _sync_group(self):
-        return None
-
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        check_channels(self, x)
+        self._check_input(x)
         mu, var = self.dataset_stats()
         if not self.training:
             return normalize(x, mu, var, self.weight, self.bias, self.eps)
@@ -96,30 +125,42 @@ class _GpreBatchNorm(_BatchNorm):
         updates = [(self.target_mean, self.target_var, self.target_momentum)]
         if self.update_source_stats:
             updates.append((self.running_mean, self.running_var, ema_factor(self)))
-        return shrunk_batch_norm(x, self.weight, self.bias, None, None, self._estimator_fn,
+        return shrunk_batch_norm(x, self.weight, self.bias, None, None, self._estimator,
                                  self.eps, group=group, ref_stats=(mu, var),
                                  extra_updates=updates)
 
 
-class GpreBN1d(_GpreBatchNorm):
-    """GpreBN over (N, C) or (N, C, L) input."""
-    _check_input_dim = JSBN1d._check_input_dim
+class GpreBN1d(GpreBatchNorm):
+    __doc__ = """GpreBN over a 2D or 3D input.
+""" + _ARGS.format(shape='N, C) or :math:`(N, C, L', name='GpreBN1d', bn='1d',
+                   input='20, 100', extra='')
+    input_dims = (2, 3)
 
 
-class GpreBN2d(_GpreBatchNorm):
-    """GpreBN over (N, C, H, W) input."""
-    _check_input_dim = JSBN2d._check_input_dim
+class GpreBN2d(GpreBatchNorm):
+    __doc__ = """GpreBN (test-time batch norm) over a 4D input: in training mode the value
+    is batch norm with the dataset statistics, the input gradient that of batch norm with
+    the batch statistics (scaled by sigma_c / sigma); eval mode normalizes with the
+    dataset statistics.
+""" + _ARGS.format(shape='N, C, H, W', name='GpreBN2d', bn='2d', input='20, 100, 35, 45',
+                   extra='')
+    input_dims = (4,)
 
 
-class GpreBN3d(_GpreBatchNorm):
-    """GpreBN over (N, C, D, H, W) input."""
-    _check_input_dim = JSBN3d._check_input_dim
+class GpreBN3d(GpreBatchNorm):
+    __doc__ = """GpreBN over a 5D input.
+""" + _ARGS.format(shape='N, C, D, H, W', name='GpreBN3d', bn='3d',
+                   input='20, 100, 35, 45, 10', extra='')
+    input_dims = (5,)
 
 
-class SyncGpreBN(_GpreBatchNorm):
-    """GpreBN with batch statistics (and the backward's sums) over all ranks of
-    ``process_group``: exactly GpreBN on the concatenated batch; GpreBN without a group."""
-    _check_input_dim = SyncJSBN._check_input_dim
+class SyncGpreBN(GpreBatchNorm):
+    __doc__ = """GpreBN with batch statistics (and the backward's sums) over all ranks of
+    ``process_group``: exactly GpreBN on the concatenated batch; GpreBN without a group.
+""" + _ARGS.format(shape='N, C, +', name='SyncGpreBN', bn='2d', input='20, 100, 35, 45',
+                   extra=_GROUP_ARG)
+
+    synchronized = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, theta: float = 1.0,
@@ -129,6 +170,3 @@ class SyncGpreBN(_GpreBatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, theta,
                          target_momentum, batch_estimator, update_source_stats, device, dtype)
         self.process_group = process_group
-
-    def _sync_group(self):
-        return sync_group(self.process_group)

@@ -10,8 +10,9 @@ backward per layer (plus one collective each way when synchronized).
   C-vectors). The default stays 'off' until the GPU tests (tests/test_gpu.py) and
   benchmarks have run on hardware: the kernels are verified in Triton's interpreter only.
 
-In every mode, calls the kernels cannot take use the reference path: a custom estimator
-callable, more than two running-statistics updates, more than ``MAX_CHANNELS`` channels.
+In every mode, calls the kernels cannot take use the reference path: an estimator without
+a fast-path code (users' own from :func:`robustbn.register_estimator`, or a bare callable),
+more than two running-statistics updates, more than ``MAX_CHANNELS`` channels.
 The mode comes from the environment variable ``ROBUSTBN_FAST`` (``auto``/``1``/``0``) and
 can be changed with :func:`set_fast_path` or the :func:`fast_path` context manager.
 """
@@ -23,7 +24,7 @@ import os
 
 import torch
 
-from ..estimators import ESTIMATORS
+from ..estimators import EstimatorSpec
 
 MODES = ('auto', 'on', 'off')
 _ENV_MODES = {'auto': 'auto', '': 'off', '1': 'on', 'on': 'on', '0': 'off', 'off': 'off'}
@@ -70,10 +71,10 @@ def fast_path(mode: str):
 
 
 def builtin_name(estimator):
-    """The registered name of a built-in estimator function, None for anything else."""
-    for name, fn in ESTIMATORS.items():
-        if fn is estimator:
-            return name
+    """The name of an estimator the kernels implement (a spec with a fast-path code), None
+    for anything else."""
+    if isinstance(estimator, EstimatorSpec) and estimator.fast_code is not None:
+        return estimator.name
     return None
 
 

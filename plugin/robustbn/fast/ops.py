@@ -16,13 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..estimators import shrinkage_factors
+from ..estimators import ESTIMATORS, shrinkage_factors
 from . import INTERPRETING
 from . import kernels as K
 from . import vector_kernels as V
-
-EST_CODES = {'none': 0, 'paper': 1, 'paper_mean': 2, 'wacv': 3, 'classic': 4}
-MIN_CHANNELS = {'none': 0, 'paper': 3, 'paper_mean': 3, 'wacv': 3, 'classic': 4}
 
 # Speed only, not results (beyond rounding); not yet tuned on a GPU. Elements per tile of
 # the reduction and elementwise kernels; programs per SM the local reductions aim for;
@@ -112,7 +109,8 @@ def reduce_config(shape, cl: bool, synced: bool, device: torch.device) -> Config
 
 def estimator_code(name: str, c: int) -> int:
     """The kernels' EST code; below the estimator's minimum channel count it is 'none'."""
-    return EST_CODES[name] if c >= MIN_CHANNELS[name] else 0
+    spec = ESTIMATORS[name]
+    return spec.fast_code if spec.shrinks(c) else ESTIMATORS['none'].fast_code
 
 
 def _vector_launch(c: int, n_rows: int):

@@ -3,22 +3,36 @@ update the running statistics and prepare the affine maps (forward); merge the g
 sums and apply the estimator's vector-Jacobian product (backward).
 
 The estimator formulas mirror ``robustbn.estimators`` (guards included) and the VJPs the
-closed forms there (``ESTIMATOR_VJPS``). EST codes: 0 none (also every estimator below its
-minimum channel count), 1 paper, 2 paper_mean, 3 wacv, 4 classic.
+closed forms there (each ``EstimatorSpec.vjp``). EST codes: each built-in estimator's
+``fast_code``; 'none' is also every estimator below its minimum channel count.
 
 Scalars computed from C in the kernel (not passed as float arguments) are exact in float64.
 """
 import triton
 import triton.language as tl
 
-from .kernels import (SLOT_A, SLOT_B, SLOT_INV, SLOT_M, SLOT_MO, SLOT_MU, SLOT_V, SLOT_VAR,
-                      SLOT_COUNT, SLOT_VAR_UNBIASED, chan_merge, welford_combine)
+from ..estimators import ESTIMATORS
+from .kernels import (
+    SLOT_A,
+    SLOT_B,
+    SLOT_COUNT,
+    SLOT_INV,
+    SLOT_M,
+    SLOT_MO,
+    SLOT_MU,
+    SLOT_V,
+    SLOT_VAR,
+    SLOT_VAR_UNBIASED,
+    chan_merge,
+    welford_combine,
+)
 
-EST_NONE = tl.constexpr(0)
-EST_PAPER = tl.constexpr(1)
-EST_PAPER_MEAN = tl.constexpr(2)
-EST_WACV = tl.constexpr(3)
-EST_CLASSIC = tl.constexpr(4)
+# The codes are declared with the estimators (robustbn.estimators.ESTIMATORS).
+EST_NONE = tl.constexpr(ESTIMATORS['none'].fast_code)
+EST_PAPER = tl.constexpr(ESTIMATORS['paper'].fast_code)
+EST_PAPER_MEAN = tl.constexpr(ESTIMATORS['paper_mean'].fast_code)
+EST_WACV = tl.constexpr(ESTIMATORS['wacv'].fast_code)
+EST_CLASSIC = tl.constexpr(ESTIMATORS['classic'].fast_code)
 
 
 @triton.jit

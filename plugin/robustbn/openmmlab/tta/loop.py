@@ -9,7 +9,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.logging import HistoryBuffer, print_log
 from mmengine.runner.amp import autocast
 from mmengine.runner.base_loop import BaseLoop
-from mmengine.runner.loops import _parse_losses, _update_losses
+from mmengine.structures import BaseDataElement
 from torch.utils.data import DataLoader
 
 from .adapter import Adapter
@@ -28,7 +28,7 @@ class TestTimeAdaptLoop(BaseLoop):
              norm_kwargs=dict(theta=1.0, target_momentum=0.05, batch_estimator='sample'))
 
     ``method``: 'source' (exactly mmengine's TestLoop/ValLoop), 'bn_adapt', 'tent' or
-    'gprebn' (:mod:`robustbn.tta.methods`). ``optimizer``: an mmengine OPTIMIZERS config
+    'gprebn' (:mod:`robustbn.openmmlab.tta.methods`). ``optimizer``: an mmengine OPTIMIZERS config
     for 'tent'/'gprebn' (None: TENT's Adam lr 1e-3, DELTA's SGD lr 2.5e-4 momentum 0.9).
     ``steps``: gradient steps per batch. ``episodic``: reset model and optimizer after
     every batch. ``norm_kwargs``: GpreBN layer arguments ('gprebn' only; other methods
@@ -99,7 +99,7 @@ class TestTimeAdaptLoop(BaseLoop):
 
         metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
         if self.losses:
-            metrics.update(_parse_losses(self.losses, stage))
+            metrics.update(loss_metrics(self.losses, stage))
         if self.adapter is not None:
             metrics['tta/entropy'] = self.adapter.mean_entropy()
         self.runner.call_hook(f'after_{stage}_epoch', metrics=metrics)
@@ -113,7 +113,27 @@ class TestTimeAdaptLoop(BaseLoop):
                 outputs = getattr(self.runner.model, f'{stage}_step')(data_batch)
         else:
             outputs = self.adapter.adapt(data_batch)
-        outputs, self.losses = _update_losses(outputs, self.losses)
+        outputs = record_losses(outputs, self.losses)
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
         self.runner.call_hook(f'after_{stage}_iter', batch_idx=idx, data_batch=data_batch,
                               outputs=outputs)
+
+
+# What mmengine's ValLoop/TestLoop do with a loss a model's val/test_step appends to its
+# outputs (mmengine keeps these helpers private, so they are restated here).
+def record_losses(outputs: list, losses: Dict[str, HistoryBuffer]) -> list:
+    """The outputs without a trailing loss element, whose values go into ``losses``."""
+    if outputs and isinstance(outputs[-1], BaseDataElement) and outputs[-1].keys() == ['loss']:
+        for name, value in outputs[-1].loss.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                losses.setdefault(name, HistoryBuffer()).update(float(v))
+        outputs = outputs[:-1]
+    return outputs
+
+
+def loss_metrics(losses: Dict[str, HistoryBuffer], stage: str) -> Dict[str, float]:
+    """Each loss's mean and their sum over names containing 'loss' as ``{stage}_loss``."""
+    out = {name: buf.mean() for name, buf in losses.items()}
+    out[f'{stage}_loss'] = sum(v for name, v in out.items() if 'loss' in name)
+    return out

@@ -18,9 +18,9 @@ from mmengine.registry import OPTIMIZERS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..convert import _dim_of, convert_norm
-from ..gprebn import _GpreBatchNorm
-from ..jsbn import SyncJSBN, _JSBatchNorm
+from ...convert import convert_norm, dim_of
+from ...gprebn import GpreBatchNorm
+from ...jsbn import JSBatchNorm, SyncJSBN
 
 METHODS = ('source', 'bn_adapt', 'tent', 'gprebn')
 GRADIENT_METHODS = ('tent', 'gprebn')
@@ -80,12 +80,12 @@ def replace_norms(model: nn.Module, make: Callable[[_BatchNorm], nn.Module]) -> 
 def _batch_stats_layer(m: _BatchNorm, sync: bool) -> nn.Module:
     """A layer whose eval-mode forward normalizes with the batch's statistics and leaves
     its running statistics alone."""
-    if isinstance(m, _JSBatchNorm):  # keep the trained model's (shrunk) batch statistics
+    if isinstance(m, JSBatchNorm):  # keep the trained model's (shrunk) batch statistics
         if sync and not isinstance(m, SyncJSBN):
             m = convert_norm(m, 'SyncJSBN', estimator=m.estimator)
         m.eval_stats = 'batch'
         return m
-    if sync or isinstance(m, _GpreBatchNorm):
+    if sync or isinstance(m, GpreBatchNorm):
         # SyncJSBN with estimator 'none' is exactly BN, with statistics over all ranks
         # (torch's SyncBatchNorm refuses CPU tensors) and for input of any rank.
         return convert_norm(m, 'SyncJSBN', estimator='none', eval_stats='batch')
@@ -98,7 +98,7 @@ def _batch_stats_layer(m: _BatchNorm, sync: bool) -> nn.Module:
 def _gprebn_layer(m: _BatchNorm, sync: bool, norm_kwargs: dict) -> nn.Module:
     # SyncGpreBN takes any input rank and is GpreBN without a group: use it where the
     # layer's rank is unknown (torch SyncBatchNorm, mmengine's reverted BatchNormXd).
-    norm = 'SyncGpreBN' if sync or _dim_of(m) is None else 'GpreBN'
+    norm = 'SyncGpreBN' if sync or dim_of(m) is None else 'GpreBN'
     new = convert_norm(m, norm, **norm_kwargs)
     new.train()  # GpreBN's test-time forward (and gradient) is its training-mode forward
     return new

@@ -152,7 +152,8 @@ def is_deepspeed(cfg) -> bool:
 def setup_deepspeed(cfg) -> bool:
     """For a DeepSpeed config: with ``launcher='none'``, RANK/WORLD_SIZE/LOCAL_RANK and
     MASTER_ADDR/MASTER_PORT (a free local port) of a world of one where not set; a plain
-    checkpoint file in ``load_from`` becomes the model's ``init_cfg=dict(type='Pretrained')``. Returns whether ``cfg`` is a DeepSpeed config."""
+    checkpoint file in ``load_from`` becomes the model's ``init_cfg=dict(type='Pretrained')``.
+    Returns whether ``cfg`` is a DeepSpeed config."""
     if not is_deepspeed(cfg):
         return False
     if (cfg.get('launcher') or 'none') == 'none':

@@ -11,15 +11,25 @@ from mmengine.runner.amp import autocast
 from mmengine.structures import BaseDataElement
 from torch import Tensor, nn
 
-from ..jsbn import sync_group
-from .methods import (GRADIENT_METHODS, Snapshot, build_optimizer, capture_outputs,
-                      check_method, check_steps, configure_model, entropy_sum, find_logits_module,
-                      norm_affine_params, optimizer_cfg)
+from ...base import sync_group
+from .methods import (
+    GRADIENT_METHODS,
+    Snapshot,
+    build_optimizer,
+    capture_outputs,
+    check_method,
+    check_steps,
+    configure_model,
+    entropy_sum,
+    find_logits_module,
+    norm_affine_params,
+    optimizer_cfg,
+)
 
 
 class Adapter:
     """Adapts a deep copy of ``model`` (never ``model`` itself) with ``method``
-    ('bn_adapt', 'tent' or 'gprebn'; see :mod:`robustbn.tta.methods`).
+    ('bn_adapt', 'tent' or 'gprebn'; see :mod:`robustbn.openmmlab.tta.methods`).
 
     ``adapt(data_batch)`` returns the predictions of the batch as the model's ``test_step``
     formats them. With gradient steps, each of the ``steps`` iterations runs one forward in

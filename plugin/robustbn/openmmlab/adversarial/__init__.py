@@ -1,5 +1,6 @@
 """Adversarial evaluation: ``AdversarialEvalHook``; attacks and their evaluation live in
-``robustbn.adversarial.attacks`` / ``.evaluate`` (imported on use: they need torchattacks)."""
+``robustbn.openmmlab.adversarial.attacks`` / ``.evaluate`` (imported on use: they need
+torchattacks)."""
 from .hook import AdversarialEvalHook
 
 __all__ = ['AdversarialEvalHook']

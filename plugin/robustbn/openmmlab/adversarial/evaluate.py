@@ -40,8 +40,9 @@ def evaluate_attacks(model, dataloader, evaluator, attacks: Sequence[dict],
     attacked images with a fresh copy of ``evaluator``: ``{'adv/<attack>/<metric>': v}``.
 
     Predictions are made as in testing (``model.test_step``, through the wrapper), the
-    attack's gradients with the model unwrapped, in eval mode. Under distributed evaluation every rank attacks its shard
-    and the evaluator collects the results in the sampler's order, as for clean metrics.
+    attack's gradients with the model unwrapped, in eval mode. Under distributed evaluation
+    every rank attacks its shard and the evaluator collects the results in the sampler's
+    order, as for clean metrics.
     ``progress(n)`` is called after each batch with its number of samples; ``timings``
     receives the seconds spent per attack.
     """

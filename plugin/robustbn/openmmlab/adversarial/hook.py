@@ -37,7 +37,8 @@ class AdversarialEvalHook(Hook):
             prefix (default e.g. ``PGD-10_eps8``).
         interval: attack after every ``interval``-th validation run.
         max_samples: attack the first ``max_samples`` samples only (None: all).
-        seed: seeds the attacks' random draws, per sample (see ``robustbn.adversarial.rng``).
+        seed: seeds the attacks' random draws, per sample (see
+            ``robustbn.openmmlab.adversarial.rng``).
         on_val, on_test: when to run.
     """
 

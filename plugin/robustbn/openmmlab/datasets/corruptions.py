@@ -124,7 +124,8 @@ class ImageNetCorruption(BaseTransform):
     ``poisson(x c) / c`` exactly. (2) 'exact' is ImageNet-C's Python loop over the pixels, quirk
     included (its tuple swap of numpy views copies the neighbour instead of swapping);
     'fast' swaps all pixels at once, which is much milder (8 dB more PSNR at 224 px). The
-    loop costs 0.1-0.3 s per 224x224 image and 3-9 s per 1024x2048 one on a CPU core. (3) An approximation:
+    loop costs 0.1-0.3 s per 224x224 image and 3-9 s per 1024x2048 one on a CPU core.
+    (3) An approximation:
     ImageNet-C's ImageMagick motion blur weighs a one-sided line by a half Gaussian of
     ``sigma`` (up to ``2 radius + 1`` px); MotionBlur's line has equal weights, so its
     length ``(k - 1) / 2`` is chosen to give the same root-mean-square blur length; the

@@ -7,7 +7,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from ..jsbn import _JSBatchNorm
+from ...jsbn import JSBatchNorm
 
 FACTOR_NAMES = ('mean_factor', 'var_factor', 'var_scale')
 
@@ -36,9 +36,9 @@ class ShrinkageMonitorHook(Hook):
         self.per_layer = per_layer
 
     @staticmethod
-    def _layers(runner) -> Dict[str, _JSBatchNorm]:
+    def _layers(runner) -> Dict[str, JSBatchNorm]:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        return {name: m for name, m in model.named_modules() if isinstance(m, _JSBatchNorm)}
+        return {name: m for name, m in model.named_modules() if isinstance(m, JSBatchNorm)}
 
     def _set_recording(self, runner, on: bool) -> None:
         for layer in self._layers(runner).values():
