@@ -8,6 +8,21 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# Pieces of the public layers' docstrings (formatted with shape, name, ...).
+ARGS_HEAD = r"""
+    Args:
+        num_features: :math:`C` from an expected input of size :math:`({shape})`.
+        eps: a value added to the denominator for numerical stability. Default: 1e-5
+"""
+PROCESS_GROUP_ARG = """\
+        process_group: the group to synchronize over; None: the default (world) group.
+"""
+SHAPE_DOC = r"""{extra}
+    Shape:
+        - Input: :math:`({shape})`
+        - Output: :math:`({shape})` (same shape as input)
+"""
+
 
 class ShrunkBatchNorm(_BatchNorm):
     """Base of every robustbn norm layer (not for direct use).

@@ -21,20 +21,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import ShrunkBatchNorm, check_batch_stats_input, ema_factor
+from .base import (
+    ARGS_HEAD,
+    PROCESS_GROUP_ARG,
+    SHAPE_DOC,
+    ShrunkBatchNorm,
+    check_batch_stats_input,
+    ema_factor,
+)
 from .estimators import get_estimator
 from .functional import normalize, shrunk_batch_norm
 
 TARGET_BUFFERS = ('target_mean', 'target_var')
 
 
-_GROUP_ARG = """        process_group: the group to synchronize over; None: the default (world)
-            group.
-"""
-_ARGS = r"""
-    Args:
-        num_features: :math:`C` from an expected input of size :math:`({shape})`.
-        eps: a value added to the denominator for numerical stability. Default: 1e-5
+_ARGS = ARGS_HEAD + r"""\
         momentum: the source running statistics' EMA factor, used only with
             ``update_source_stats=True`` (``None``: cumulative average). Default: 0.1
         affine: when ``True``, the layer has learnable affine parameters (the ones
@@ -50,16 +51,12 @@ _ARGS = r"""
             estimator name that shrinks the batch statistics. Default: ``'sample'``
         update_source_stats: also update the source running statistics with the batch
             statistics (with ``momentum``). Default: ``False``
-{extra}
-    Shape:
-        - Input: :math:`({shape})`
-        - Output: :math:`({shape})` (same shape as input)
-
+""" + SHAPE_DOC + r"""
     Examples::
 
         >>> m = robustbn.{name}(100)
         >>> m.load_state_dict(nn.BatchNorm{bn}(100).state_dict())  # source statistics
-        >>> output = m.train()(torch.randn({input}))  # value: BN with the dataset statistics
+        >>> output = m.train()(torch.randn({input}))  # value: BN, dataset statistics
 """
 
 
@@ -132,7 +129,7 @@ class GpreBatchNorm(ShrunkBatchNorm):
 
 class GpreBN1d(GpreBatchNorm):
     __doc__ = """GpreBN over a 2D or 3D input.
-""" + _ARGS.format(shape='N, C) or :math:`(N, C, L', name='GpreBN1d', bn='1d',
+""" + _ARGS.format(shape='N, C)` or :math:`(N, C, L', name='GpreBN1d', bn='1d',
                    input='20, 100', extra='')
     input_dims = (2, 3)
 
@@ -158,7 +155,7 @@ class SyncGpreBN(GpreBatchNorm):
     __doc__ = """GpreBN with batch statistics (and the backward's sums) over all ranks of
     ``process_group``: exactly GpreBN on the concatenated batch; GpreBN without a group.
 """ + _ARGS.format(shape='N, C, +', name='SyncGpreBN', bn='2d', input='20, 100, 35, 45',
-                   extra=_GROUP_ARG)
+                   extra=PROCESS_GROUP_ARG)
 
     synchronized = True
 

@@ -10,19 +10,20 @@ from typing import Optional
 
 from torch import Tensor
 
-from .base import ShrunkBatchNorm, check_batch_stats_input, ema_factor
+from .base import (
+    ARGS_HEAD,
+    PROCESS_GROUP_ARG,
+    SHAPE_DOC,
+    ShrunkBatchNorm,
+    check_batch_stats_input,
+    ema_factor,
+)
 from .estimators import get_estimator
 from .functional import normalize, shrunk_batch_norm
 
 EVAL_STATS = ('running', 'batch')
 
-_GROUP_ARG = """        process_group: the group to synchronize over; None: the default (world)
-            group.
-"""
-_ARGS = r"""
-    Args:
-        num_features: :math:`C` from an expected input of size :math:`({shape})`.
-        eps: a value added to the denominator for numerical stability. Default: 1e-5
+_ARGS = ARGS_HEAD + r"""\
         momentum: the value used for the running_mean and running_var computation.
             Can be set to ``None`` for cumulative moving average. Default: 0.1
         affine: when ``True``, the layer has learnable affine parameters. Default: ``True``
@@ -36,11 +37,7 @@ _ARGS = r"""
         eval_stats: ``'running'`` (as BatchNorm) or ``'batch'``: eval mode normalizes
             with the estimator's statistics of the current batch, as the paper's code
             does (predictions then depend on the rest of the batch). Default: ``'running'``
-{extra}
-    Shape:
-        - Input: :math:`({shape})`
-        - Output: :math:`({shape})` (same shape as input)
-
+""" + SHAPE_DOC + r"""
     Examples::
 
         >>> m = robustbn.{name}({example})
@@ -90,7 +87,7 @@ class JSBatchNorm(ShrunkBatchNorm):
 
 class JSBN1d(JSBatchNorm):
     __doc__ = """James-Stein batch norm over a 2D or 3D input.
-""" + _ARGS.format(shape='N, C) or :math:`(N, C, L', name='JSBN1d', example='100',
+""" + _ARGS.format(shape='N, C)` or :math:`(N, C, L', name='JSBN1d', example='100',
                    input='20, 100', extra='')
     input_dims = (2, 3)
 
@@ -122,7 +119,7 @@ class SyncJSBN(JSBatchNorm):
     torch's SyncBatchNorm it runs on CPU with gloo, and it is deliberately not an
     ``nn.SyncBatchNorm`` subclass, so mmengine's ``revert_sync_batchnorm`` keeps it.
 """ + _ARGS.format(shape='N, C, +', name='SyncJSBN', example='100',
-                   input='20, 100, 35, 45', extra=_GROUP_ARG)
+                   input='20, 100, 35, 45', extra=PROCESS_GROUP_ARG)
 
     synchronized = True
 
