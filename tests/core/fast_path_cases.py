@@ -1,6 +1,6 @@
 """Fast path (Triton kernels in Triton's CPU interpreter) against the reference path.
 
-Run as a script with TRITON_INTERPRET=1 (tests/test_fast_path.py does): every case runs a
+Run as a script with TRITON_INTERPRET=1 (tests/core/test_fast_path.py does): every case runs a
 layer (or the functional form) with the fast path forced on and a deep copy with it off,
 on the same data, and compares outputs, input/weight/bias gradients and buffers. Prints
 one JSON object {case: null or the failure}. Importing the module only defines CASES.
@@ -15,12 +15,17 @@ import copy
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
 import traceback
+from pathlib import Path
 
 import torch
+
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:  # run as a script: sys.path[0] is tests/core
+    sys.path.insert(0, TESTS)
+from helpers import free_port, gloo_group  # noqa: E402
 
 ESTIMATORS = ['classic', 'none', 'paper', 'paper_mean', 'wacv']
 CASES = {}
@@ -339,6 +344,7 @@ def _():
     an explicit one-rank group equals the local result, with exactly one all_gather
     forward and one all_reduce backward."""
     import torch.distributed as dist
+
     from robustbn import fast, get_estimator, shrunk_batch_norm
     calls = []
     saved = dist.all_gather_into_tensor, dist.all_reduce
@@ -348,43 +354,35 @@ def _():
             calls.append(name)
             return fn(*a, **k)
         return wrapper
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0,
-                            world_size=1)
-    dist.all_gather_into_tensor = counted('all_gather', saved[0])
-    dist.all_reduce = counted('all_reduce', saved[1])
-    try:
-        with _tuning(**FEW_SYNC_ROWS):
-            for est in ESTIMATORS:
-                for cl, dtype, tol in ((False, torch.float64, F64['out']),
-                                       (True, torch.float32, F32['out'])):
-                    x = _input((4, 6, 5, 3), dtype, cl=cl)
-                    g = torch.randn(x.shape, dtype=dtype)
-                    res = []
-                    for group, mode in ((dist.group.WORLD, 'on'), (None, 'off')):
-                        calls.clear()
-                        xx = x.clone().requires_grad_()
-                        w = torch.linspace(0.5, 1.5, 6, dtype=dtype).requires_grad_()
-                        b = torch.linspace(-1, 1, 6, dtype=dtype).requires_grad_()
-                        rm, rv = torch.zeros(6, dtype=dtype), torch.ones(6, dtype=dtype)
-                        with fast.fast_path(mode):
-                            y = shrunk_batch_norm(xx, w, b, rm, rv, get_estimator(est), 1e-5,
-                                                  0.1, group=group)
-                            (y * g).sum().backward()
-                        res.append([y, xx.grad, w.grad, b.grad, rm, rv])
-                        want = ['all_gather', 'all_reduce'] if group is not None else []
-                        assert calls == want, f'collectives {calls}, expected {want}'
-                    for key, a, b_ in zip(('y', 'x_grad', 'w', 'b', 'rm', 'rv'), *res):
-                        _close(f'{est} {key}', a.detach(), b_.detach(),
-                               tol if key not in ('rm', 'rv') else F64['buf'])
-    finally:
-        dist.all_gather_into_tensor, dist.all_reduce = saved
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    with gloo_group(0, 1, free_port()):
+        dist.all_gather_into_tensor = counted('all_gather', saved[0])
+        dist.all_reduce = counted('all_reduce', saved[1])
+        try:
+            with _tuning(**FEW_SYNC_ROWS):
+                for est in ESTIMATORS:
+                    for cl, dtype, tol in ((False, torch.float64, F64['out']),
+                                           (True, torch.float32, F32['out'])):
+                        x = _input((4, 6, 5, 3), dtype, cl=cl)
+                        g = torch.randn(x.shape, dtype=dtype)
+                        res = []
+                        for group, mode in ((dist.group.WORLD, 'on'), (None, 'off')):
+                            calls.clear()
+                            xx = x.clone().requires_grad_()
+                            w = torch.linspace(0.5, 1.5, 6, dtype=dtype).requires_grad_()
+                            b = torch.linspace(-1, 1, 6, dtype=dtype).requires_grad_()
+                            rm, rv = torch.zeros(6, dtype=dtype), torch.ones(6, dtype=dtype)
+                            with fast.fast_path(mode):
+                                y = shrunk_batch_norm(xx, w, b, rm, rv, get_estimator(est), 1e-5,
+                                                      0.1, group=group)
+                                (y * g).sum().backward()
+                            res.append([y, xx.grad, w.grad, b.grad, rm, rv])
+                            want = ['all_gather', 'all_reduce'] if group is not None else []
+                            assert calls == want, f'collectives {calls}, expected {want}'
+                        for key, a, b_ in zip(('y', 'x_grad', 'w', 'b', 'rm', 'rv'), *res):
+                            _close(f'{est} {key}', a.detach(), b_.detach(),
+                                   tol if key not in ('rm', 'rv') else F64['buf'])
+        finally:
+            dist.all_gather_into_tensor, dist.all_reduce = saved
 
 
 SYNC_SIZES = [3, 0, 4]  # uneven, one rank empty
@@ -393,11 +391,10 @@ SYNC_ESTIMATORS = ['classic', 'paper']  # the collectives do not depend on the e
 
 def _sync_worker(rank, port, out_dir):
     import torch.distributed as dist
+
     from robustbn import SyncGpreBN, SyncJSBN, fast
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=len(SYNC_SIZES), timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, len(SYNC_SIZES), port, timeout=datetime.timedelta(seconds=120)):
         _count_calls()
         x, g = _sync_data()
         lo = sum(SYNC_SIZES[:rank])
@@ -412,8 +409,6 @@ def _sync_worker(rank, port, out_dir):
         assert Calls.forward == Calls.backward == 2 * len(SYNC_ESTIMATORS)
         torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _sync_data():
@@ -426,9 +421,10 @@ def _():
     """SyncJSBN/SyncGpreBN over 3 gloo processes (batches 3, 0, 4) on the fast path equal
     JSBN/GpreBN on the concatenated batch on the reference path."""
     import torch.multiprocessing as mp
+
     from robustbn import GpreBN2d, JSBN2d, fast
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_sync_worker, args=(_free_port(), out_dir), nprocs=len(SYNC_SIZES), join=True)
+        mp.spawn(_sync_worker, args=(free_port(), out_dir), nprocs=len(SYNC_SIZES), join=True)
         ranks = [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False)
                  for r in range(len(SYNC_SIZES))]
     x, g = _sync_data()

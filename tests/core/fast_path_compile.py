@@ -3,7 +3,7 @@
 Triton's interpreter (fast_path_cases.py) runs the kernels as Python and accepts code the
 compiler rejects; this compiles the launches the fast path makes (captured from its host
 code, not run) for sm_90 with Triton's bundled ptxas, and reports register spills of the
-kernels that stream the full tensor. Run as a script (tests/test_fast_path.py does):
+kernels that stream the full tensor. Run as a script (tests/core/test_fast_path.py does):
 prints one JSON object {variant: null or the failure}.
 """
 from __future__ import annotations

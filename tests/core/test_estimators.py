@@ -49,7 +49,8 @@ def test_every_estimator_has_a_reference():
 
 
 @pytest.mark.parametrize('name', sorted(REFS))
-@pytest.mark.parametrize('c,n,mean_scale', [(8, 50, 1.0), (64, 8, 0.1), (5, 3, 3.0), (4, 1000, 0.01)])
+@pytest.mark.parametrize('c,n,mean_scale', [(8, 50, 1.0), (64, 8, 0.1), (5, 3, 3.0),
+                                             (4, 1000, 0.01)])
 def test_estimator_matches_reference(name, c, n, mean_scale):
     rng = np.random.default_rng(c * n)
     m = rng.normal(0.3, mean_scale, c)

@@ -10,18 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fast_path_cases
+import fast_path_compile
 import pytest
 import torch
+from helpers import ROOT, load_tool
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import robustbn
 from robustbn import JSBN2d, fast
 from robustbn import estimators as E
 
-import fast_path_cases
-import fast_path_compile
-
 ESTIMATORS = sorted(robustbn.ESTIMATORS)
+PAPER = robustbn.ESTIMATORS['paper']
 TESTS = Path(__file__).resolve().parent
 
 
@@ -43,7 +44,7 @@ def test_cpu_and_off_use_the_reference_path(monkeypatch, mode):
     _forbid_fast(monkeypatch)
     x = torch.randn(4, 6, 3, 3)
     with fast.fast_path(mode):
-        assert fast.fast_path_estimator(x, E.paper, 1) is None
+        assert fast.fast_path_estimator(x, PAPER, 1) is None
         grad = _train_step(JSBN2d(6), x)
     assert torch.isfinite(grad).all()
 
@@ -52,9 +53,9 @@ def test_off_switch_overrides_everything(monkeypatch):
     monkeypatch.setattr(fast, 'INTERPRETING', True)
     x = torch.randn(4, 6, 3, 3)
     with fast.fast_path('on'):
-        assert fast.fast_path_estimator(x, E.paper, 1) == 'paper'
+        assert fast.fast_path_estimator(x, PAPER, 1) == 'paper'
     with fast.fast_path('off'):
-        assert fast.fast_path_estimator(x, E.paper, 1) is None
+        assert fast.fast_path_estimator(x, PAPER, 1) is None
 
 
 def test_forced_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -68,9 +69,9 @@ def test_missing_triton_falls_back_in_auto_and_errors_when_forced(monkeypatch):
     monkeypatch.setattr(fast, 'INTERPRETING', True)
     x = torch.randn(4, 6, 3, 3)
     with fast.fast_path('auto'):
-        assert fast.fast_path_estimator(x, E.paper, 1) is None
+        assert fast.fast_path_estimator(x, PAPER, 1) is None
     with fast.fast_path('on'), pytest.raises(RuntimeError, match='triton is not installed'):
-        fast.fast_path_estimator(x, E.paper, 1)
+        fast.fast_path_estimator(x, PAPER, 1)
 
 
 def test_calls_the_kernels_cannot_take_use_the_reference(monkeypatch):
@@ -83,17 +84,18 @@ def test_calls_the_kernels_cannot_take_use_the_reference(monkeypatch):
 
     with fast.fast_path('on'):
         assert fast.fast_path_estimator(x, custom, 1) is None
-        assert fast.fast_path_estimator(x, E.paper, 3) is None  # more than 2 updates
-        assert fast.fast_path_estimator(x.long(), E.paper, 1) is None
+        assert fast.fast_path_estimator(x, PAPER, 3) is None  # more than 2 updates
+        assert fast.fast_path_estimator(x.long(), PAPER, 1) is None
         wide = torch.empty(2, fast.MAX_CHANNELS + 1, device='meta')
-        assert fast.fast_path_estimator(wide, E.paper, 1) is None
+        assert fast.fast_path_estimator(wide, PAPER, 1) is None
         y = robustbn.shrunk_batch_norm(x, None, None, None, None, custom)  # reference path
     assert torch.isfinite(y).all()
 
 
 def test_builtin_names():
-    for name, fn in robustbn.ESTIMATORS.items():
-        assert fast.builtin_name(fn) == name
+    for name, spec in robustbn.ESTIMATORS.items():
+        assert fast.builtin_name(spec) == name
+    assert fast.builtin_name(E.paper) is None  # the bare function: no declaration
     assert fast.builtin_name(lambda m, v, n: (m, v)) is None
 
 
@@ -179,8 +181,10 @@ def _autograd_vjp(est, m, v, n, d_mu, d_var):
     return (torch.zeros_like(m) if dm is None else dm), (torch.zeros_like(v) if dv is None else dv)
 
 
-def test_every_estimator_has_a_vjp():
-    assert set(E.ESTIMATOR_VJPS) == set(robustbn.ESTIMATORS)
+def test_every_builtin_estimator_has_a_vjp_and_a_kernel_code():
+    specs = list(robustbn.ESTIMATORS.values())
+    assert all(s.vjp is not None and s.fast_code is not None for s in specs)
+    assert len({s.fast_code for s in specs}) == len(specs)
 
 
 @pytest.mark.parametrize('case', VJP_CASES)
@@ -189,7 +193,7 @@ def test_every_estimator_has_a_vjp():
 def test_closed_form_vjp_equals_autograd(name, c, case):
     m, v, n, d_mu, d_var = _vjp_inputs(case, c)
     want = _autograd_vjp(robustbn.ESTIMATORS[name], m, v, n, d_mu, d_var)
-    got = E.ESTIMATOR_VJPS[name](m, v, n, d_mu, d_var)
+    got = robustbn.ESTIMATORS[name].backward(m, v, n, d_mu, d_var)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -206,7 +210,7 @@ def test_classic_positive_part_is_active_in_the_vjp_cases():
 def _start(script, **env):
     env = dict(os.environ, **env)
     env.pop('ROBUSTBN_FAST', None)
-    return subprocess.Popen([sys.executable, str(TESTS / script)], env=env, cwd=TESTS.parent,
+    return subprocess.Popen([sys.executable, str(TESTS / script)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -250,15 +254,9 @@ def test_kernels_compile_for_sm90_without_spills(subprocess_results, name):
 
 
 # ----------------------------------------------------------------------------- benchmarks
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, TESTS.parent / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+# tools/benchmark_train.py builds its models with OpenMMLab: tests/openmmlab/test_benchmarks.py
 def test_benchmark_norm_cpu_smoke(capsys):
-    rows = _tool('benchmark_norm').main(
+    rows = load_tool('benchmark_norm').main(
         ['--device', 'cpu', '--shapes', '2,6,4,4', '--dtypes', 'fp32', 'bf16', '--iters', '1',
          '--warmup', '1', '--repeats', '1'])
     out = capsys.readouterr().out
@@ -267,12 +265,3 @@ def test_benchmark_norm_cpu_smoke(capsys):
     assert len(rows) == 3 * 2 * 2 and all(r['wall_ms'] > 0 for r in rows)
     assert '| 2,6,4,4 | bf16 | cl | JSBN2d reference |' in out and 'triton' in out
 
-
-def test_benchmark_train_cpu_smoke(capsys):
-    rows = _tool('benchmark_train').main(
-        ['--device', 'cpu', '--models', 'resnet50', '--norms', 'BN', 'JSBN', '--dtypes', 'fp32',
-         '--cls-shape', '2', '32', '--iters', '1', '--warmup', '1'])
-    out = capsys.readouterr().out
-    assert [(r['model'], r['norm']) for r in rows] == [('resnet50', 'BN'), ('resnet50', 'JSBN')]
-    assert rows[0]['ms_vs_bn'] == 1.0 and rows[1]['ms'] > 0
-    assert '| resnet50 | JSBN | - | fp32 | 2x32 |' in out

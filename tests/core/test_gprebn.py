@@ -1,13 +1,12 @@
 """GpreBN / SyncGpreBN: value, gradients, test-time statistics, sync equivalence."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port, gloo_group
 from torch import nn
 
 import robustbn
@@ -173,8 +172,7 @@ def test_bn_checkpoints_load_and_conversion_keeps_source():
                                                       bn.running_var, bn.weight, bn.bias, False,
                                                       0.0, bn.eps))
     assert type(robustbn.revert_norm(model)[1]) is nn.BatchNorm2d
-    from mmengine.registry import MODELS
-    assert MODELS.get('GpreBN') is GpreBN2d and MODELS.get('SyncGpreBN') is SyncGpreBN
+    # mmengine's MODELS registry: tests/openmmlab/test_registry.py
 
 
 def test_bad_input_and_config():
@@ -208,17 +206,9 @@ def test_autocast_stays_finite():
 SIZES = {2: [3, 5], 3: [2, 0, 4]}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_dir, estimator):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         sizes = SIZES[world]
         x = _x((sum(sizes), 5, 3, 3))
         g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -235,14 +225,12 @@ def _worker(rank, world, port, out_dir, estimator):
                              tv=layer.target_var.clone())
             layer.weight.grad = layer.bias.grad = None
         torch.save(out, os.path.join(out_dir, f'{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize('world', [2, 3])
 @pytest.mark.parametrize('estimator', ['sample', 'paper'])
 def test_sync_gprebn_equals_gprebn_on_concatenated_batch(tmp_path, world, estimator):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), estimator), nprocs=world)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), estimator), nprocs=world)
     sizes = SIZES[world]
     x = _x((sum(sizes), 5, 3, 3))
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

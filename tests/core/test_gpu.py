@@ -8,11 +8,11 @@ debug mode, CUDA-graph capture and torch.compile.
 import contextlib
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import free_port
 from torch import nn
 
 import robustbn
@@ -87,15 +87,9 @@ def test_cuda_low_precision_finite_and_close(dtype, estimator):
     torch.testing.assert_close(rv, rv32, rtol=1e-5, atol=1e-5)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_one_process_nccl_syncjsbn_equals_jsbn():
     assert not dist.is_initialized()
-    dist.init_process_group('nccl', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0,
+    dist.init_process_group('nccl', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0,
                             world_size=1)
     try:
         x = _x().cuda()
@@ -250,7 +244,7 @@ def test_three_kernels_forward_and_backward(synced):
 @contextlib.contextmanager
 def _nccl_group():
     assert not dist.is_initialized()
-    dist.init_process_group('nccl', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0,
+    dist.init_process_group('nccl', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0,
                             world_size=1)
     try:
         yield dist.group.WORLD

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port, gloo_group
 
 from robustbn import ESTIMATORS, JSBN1d, JSBN2d, JSBN3d, SyncJSBN
 
@@ -168,9 +168,7 @@ def _world_size_one_value_error():
 
 def _worker(rank: int, world: int, port: int, sizes, out_dir: str):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port, timeout=datetime.timedelta(seconds=60)):
         if world == 1:
             # One rank: SyncJSBN must take the local path (no collective at all).
             with _no_collectives():
@@ -180,14 +178,6 @@ def _worker(rank: int, world: int, port: int, sizes, out_dir: str):
             res = _compute(sizes, rank, sync=True)
         torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _close(failures, label, actual, expected, tol):
@@ -201,7 +191,8 @@ def _report(failures, what):
     assert not failures, f'{len(failures)} mismatch(es) in {what}:\n\n' + '\n\n'.join(failures)
 
 
-def _compare_steps(failures, label, ranks, ref, sizes, tol, keys=('y', 'x_grad', 'params', 'buffers')):
+def _compare_steps(failures, label, ranks, ref, sizes, tol,
+                   keys=('y', 'x_grad', 'params', 'buffers')):
     """ranks: per-rank results of _steps; ref: reference _steps on the global batch."""
     for s in range(len(ref['y'])):
         for key in ('y', 'x_grad'):
@@ -243,7 +234,7 @@ def synced(request, tmp_path_factory):
     world = request.param
     sizes = WORLDS[world]
     out_dir = tmp_path_factory.mktemp(f'sync_world{world}')
-    mp.spawn(_worker, args=(world, _free_port(), sizes, str(out_dir)), nprocs=world,
+    mp.spawn(_worker, args=(world, free_port(), sizes, str(out_dir)), nprocs=world,
              join=True)
     ranks = [torch.load(out_dir / f'rank{r}.pt', weights_only=False) for r in range(world)]
     return world, sizes, ranks
@@ -387,7 +378,8 @@ def test_no_process_group_is_jsbn(reference):
     _report(failures, 'SyncJSBN without a process group')
 
     x = torch.randn(1, C, 1, 1, dtype=torch.float64)
-    for layer in (_layer(True, 4, 'paper', 0.1, 'running'), _layer(False, 4, 'paper', 0.1, 'running')):
+    for layer in (_layer(True, 4, 'paper', 0.1, 'running'),
+                  _layer(False, 4, 'paper', 0.1, 'running')):
         with pytest.raises(ValueError, match='more than 1 value per channel'):
             layer.train()(x)
     # In eval with running stats a single value per channel is fine (no batch statistics).

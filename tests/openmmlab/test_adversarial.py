@@ -1,5 +1,5 @@
-"""Adversarial evaluation on CPU: AdversarialEvalHook, robustbn.adversarial, tools/adv_test.py
-and tools/benchmark_adv.py.
+"""Adversarial evaluation on CPU: AdversarialEvalHook, robustbn.openmmlab.adversarial,
+tools/adv_test.py and tools/benchmark_adv.py.
 
 A narrow ResNet9 with BN is trained on the bundled digits (configs/cls/resnet9_digits_bn.py)
 with the hook after every validation and save_best on a PGD metric; on it: eps 0 gives
@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -30,57 +25,32 @@ from torch import nn
 
 pytest.importorskip('mmcv._ext', reason='the models build on mmseg.models (compiled mmcv)')
 
-import robustbn  # noqa: E402,F401  (registers everything)
+from helpers import ROOT, free_port, run, write_cityscapes  # noqa: E402
 from mmengine import Config  # noqa: E402
 from mmengine.evaluator import BaseMetric, Evaluator  # noqa: E402
 from mmengine.registry import HOOKS, MODELS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from robustbn import JSBN2d  # noqa: E402
-from robustbn.adversarial import AdversarialEvalHook  # noqa: E402
-from robustbn.adversarial.attacks import (AttackedModel, attack_labels,  # noqa: E402
-                                          build_attack, check_attacks, perturb)
-from robustbn.adversarial.evaluate import evaluate_attacks  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+import robustbn  # noqa: E402,F401  (registers everything)
+from robustbn import JSBN2d  # noqa: E402
+from robustbn.openmmlab.adversarial import AdversarialEvalHook  # noqa: E402
+from robustbn.openmmlab.adversarial.attacks import (  # noqa: E402
+    AttackedModel,
+    attack_labels,
+    build_attack,
+    check_attacks,
+    perturb,
+)
+from robustbn.openmmlab.adversarial.evaluate import evaluate_attacks  # noqa: E402
+
 DIGITS_BN = ROOT / 'configs' / 'cls' / 'resnet9_digits_bn.py'
 DIGITS_JS = ROOT / 'configs' / 'cls' / 'resnet9_digits_syncjsbn.py'
 SEG_CFG = ROOT / 'configs' / 'seg' / 'fcn_hr18_4xb2-40k_cityscapes-512x1024_syncjsbn.py'
 EPOCHS = 6
 PGD_TRAIN = dict(type='PGD', eps=8, alpha=3, steps=3, random_start=True)  # 'PGD-3_eps8'
-TIMEOUT = 300
 
 
 # ----------------------------------------------------------------------------- helpers
-def tool_env(**extra) -> dict:
-    env = dict(os.environ)
-    path = [str(ROOT / 'plugin')] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
-    env.update(PYTHONPATH=os.pathsep.join(path), CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1',
-               NO_ALBUMENTATIONS_UPDATE='1')
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run(cmd, timeout: float = TIMEOUT) -> str:
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=tool_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    if proc.returncode != 0:
-        pytest.fail(f'{" ".join(proc.args)} exited with {proc.returncode}\n{out[-3000:]}\n'
-                    f'{err[-8000:]}', pytrace=False)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def digits_cfg(work_dir: Path, config: Path = DIGITS_BN, **hook) -> Config:
     cfg = Config.fromfile(str(config))
     cfg.work_dir = str(work_dir)
@@ -235,18 +205,8 @@ def test_attacked_model_sees_raw_bgr_and_keeps_jsbn_eval_stats():
 def seg(tmp_path_factory):
     """fcn_hr18 SyncJSBN (random weights) on three generated 64x128 Cityscapes images whose
     top 8 label rows are 255, tested with the hook (eps 0, FGSM, PGD)."""
-    root = tmp_path_factory.mktemp('cityscapes')
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        stem = f'valcity_{i:06d}_000019'
-        img = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
-        label = np.repeat(np.arange(19, dtype=np.uint8), 7)[None, :128].repeat(64, 0)
-        label[:8] = 255
-        for sub, name, arr in (('leftImg8bit', 'leftImg8bit', img),
-                               ('gtFine', 'gtFine_labelTrainIds', label)):
-            d = root / sub / 'val' / 'valcity'
-            d.mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(d / f'{stem}_{name}.png'), arr)
+    root = write_cityscapes(tmp_path_factory.mktemp('cityscapes'), splits=(('val', 3),),
+                            size=(64, 128))
     cfg = Config.fromfile(str(SEG_CFG))
     pipeline = [dict(type='LoadImageFromFile'),
                 dict(type='Resize', scale=(128, 64), keep_ratio=True),

@@ -14,15 +14,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
 import robustbn  # noqa: F401  (registers the weights_only allow-list)
-from mmengine.logging import HistoryBuffer, MessageHub
-from mmengine.model import BaseModel
-from mmengine.runner import Runner
 from robustbn import JSBN1d
-from robustbn.compat import MMENGINE_SAFE_GLOBALS, history_buffer_getattr
+from robustbn.openmmlab.compat import MMENGINE_SAFE_GLOBALS, history_buffer_getattr
 
 N = 6          # iterations of the first run; the resumed run goes on to 2 * N
 INTERVAL = 2   # CheckpointHook interval (iterations)

@@ -17,16 +17,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 pytest.importorskip('mmcv._ext', reason='CifarResNet builds on mmseg.models (compiled mmcv)')
 
-import robustbn  # noqa: E402,F401  (registers everything)
 import torchvision  # noqa: E402
+from helpers import ROOT  # noqa: E402
 from mmengine import Config  # noqa: E402
 from mmengine.evaluator import Evaluator  # noqa: E402
 from mmengine.registry import DATASETS, MODELS, TRANSFORMS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from mmengine.structures import BaseDataElement  # noqa: E402
+
+import robustbn  # noqa: E402,F401  (registers everything)
 from robustbn import JSBN2d, JSBN3d, SyncJSBN  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'cls'
+CONFIG_DIR = ROOT / 'configs' / 'cls'
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob('*.py'))
 # The norm layer class each config's file name promises.
 NORM_BY_SUFFIX = {'syncjsbn': SyncJSBN, 'syncbn': nn.SyncBatchNorm, 'jsbn': JSBN2d,
@@ -242,14 +244,14 @@ def test_accuracy_matches_hand_computation():
     scores = torch.rand(13, 7, generator=g).softmax(1)
     labels = torch.randint(0, 7, (13, ), generator=g)
     evaluator = Evaluator(dict(type='Accuracy', topk=(1, 5)))
-    evaluator.process([BaseDataElement(pred_score=s, gt_label=l) for s, l in zip(scores, labels)])
+    evaluator.process([BaseDataElement(pred_score=s, gt_label=y) for s, y in zip(scores, labels)])
     got = evaluator.evaluate(13)
 
     def hand(k):
         hits = 0
-        for s, l in zip(scores.tolist(), labels.tolist()):
+        for s, y in zip(scores.tolist(), labels.tolist()):
             ranked = sorted(range(7), key=lambda c: -s[c])
-            hits += l in ranked[:k]
+            hits += y in ranked[:k]
         return 100.0 * hits / 13
 
     assert got.keys() == {'accuracy/top1', 'accuracy/top5'}
@@ -364,7 +366,9 @@ def test_digits_dataset():
     train = DATASETS.build(dict(type='DigitsDataset', split='train', pipeline=pipeline))
     test = DATASETS.build(dict(type='DigitsDataset', split='test', pipeline=pipeline))
     assert (len(train), len(test)) == (1347, 450)
-    labels = lambda ds: np.array([ds.get_data_info(i)['gt_label'] for i in range(len(ds))])
+
+    def labels(ds):
+        return np.array([ds.get_data_info(i)['gt_label'] for i in range(len(ds))])
     from sklearn.datasets import load_digits
     assert np.array_equal(np.bincount(labels(train)) + np.bincount(labels(test)),
                           np.bincount(load_digits().target))

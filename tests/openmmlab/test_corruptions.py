@@ -20,21 +20,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 pytest.importorskip('mmcv._ext', reason='the model builds need the compiled mmcv')
 
-import robustbn  # noqa: E402,F401  (registers everything)
 import albumentations as A  # noqa: E402  (after robustbn has set NO_ALBUMENTATIONS_UPDATE)
+from helpers import ROOT, write_cityscapes  # noqa: E402
 from mmengine import Config  # noqa: E402
 from mmengine.dataset import Compose  # noqa: E402
 from mmengine.registry import DATASETS, MODELS, TRANSFORMS, DefaultScope  # noqa: E402
 from mmseg.registry import DATASETS as SEG_DATASETS  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 from mmseg.utils import register_all_modules  # noqa: E402
+
+import robustbn  # noqa: E402,F401  (registers everything)
 from robustbn import SyncJSBN  # noqa: E402
-from robustbn.datasets import (CORRUPTIONS, NOT_EXPRESSIBLE, CIFAR10C,  # noqa: E402
-                               ImageNetCorruption)
+from robustbn.openmmlab.datasets import CIFAR10C, CORRUPTIONS, NOT_EXPRESSIBLE, ImageNetCorruption  # noqa: E402
 
 register_all_modules(init_default_scope=False)
 
-TTA_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'tta'
+TTA_DIR = ROOT / 'configs' / 'tta'
 CIFAR_CONFIGS = sorted(p.name for p in TTA_DIR.glob('resnet18_cifar10c_*.py'))
 SEG_CONFIGS = sorted(p.name for p in TTA_DIR.glob('fcn_hr18_*cityscapes-c*.py'))
 # PSNR against the clean image falls with every severity step for these (averaged over seeds
@@ -390,21 +391,6 @@ def test_cifar10c_config_builds(name, tmp_path):
         assert model(batch['inputs'], mode='tensor').shape == (4, 10)
 
 
-def write_cityscapes(root: Path, n=2):
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        stem = f'valcity_{i:06d}_000019'
-        img = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
-        label = rng.integers(0, 19, (32, 64), dtype=np.uint8)
-        label[:4] = 255
-        for sub, suffix, arr in (('leftImg8bit', 'leftImg8bit', img),
-                                 ('gtFine', 'gtFine_labelTrainIds', label)):
-            d = root / sub / 'val' / 'valcity'
-            d.mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(d / f'{stem}_{suffix}.png'), arr)
-    return root
-
-
 @pytest.mark.parametrize('name', SEG_CONFIGS)
 def test_cityscapes_c_config_builds_and_keeps_labels(name, tmp_path):
     cfg = Config.fromfile(str(TTA_DIR / name))
@@ -418,7 +404,8 @@ def test_cityscapes_c_config_builds_and_keeps_labels(name, tmp_path):
     assert 'ImageNetCorruption' not in [t.type for t in cfg.val_dataloader.dataset.pipeline]
 
     ds_cfg = cfg.test_dataloader.dataset
-    ds_cfg.data_root = str(write_cityscapes(tmp_path / 'cityscapes'))
+    ds_cfg.data_root = str(write_cityscapes(tmp_path / 'cityscapes', size=(32, 64),
+                                            random_labels=True))
     step.corruption, step.severity = 'impulse_noise', 2  # as tools set it
     clean_cfg = copy.deepcopy(ds_cfg)
     clean_cfg.pipeline = [t for t in pipeline if t.type != 'ImageNetCorruption']

@@ -1,6 +1,6 @@
 """DeepSpeed (ZeRO) through mmengine's FlexibleRunner on CPU with gloo.
 
-The toy model of tests/toy_components.py (three SyncJSBN layers) trains through the real
+The toy model of tests/openmmlab/toy_components.py (three SyncJSBN layers) trains through the real
 scripts and DeepSpeed 0.19.6:
 - 2 processes, ZeRO-2, float32: finite losses, identical running statistics on both ranks
   (BufferConsistencyHook checks them at every iteration), the same weights as DDP with
@@ -26,9 +26,21 @@ import torch
 
 pytest.importorskip('deepspeed')
 
-from test_tools import (ROOT, TOY_CFG, assert_state_equal, check_world, cityscapes,  # noqa: E402,F401
-                        free_port, last_json, rank_states, run, start, tool_env, train_py,
-                        train_two_nodes)
+from helpers import (  # noqa: E402
+    ROOT,
+    SEG_CHILD,
+    TOY_CFG,
+    assert_state_equal,
+    check_world,
+    free_port,
+    last_json,
+    rank_states,
+    run,
+    start,
+    tool_env,
+    train_py,
+    train_two_nodes,
+)
 
 DS_CONFIGS = sorted(ROOT.glob('configs/*/*-ds-zero*.py'))
 CLIP = 0.05  # small enough to be active in every iteration of the toy runs
@@ -60,14 +72,15 @@ def dist_train(cfg, work, nproc=2, *args, **env):
 
 
 def losses(work: Path) -> list:
-    scalars = sorted(work.glob('*/vis_data/scalars.json'))[-1].read_text().splitlines()  # latest run
+    # the latest run
+    scalars = sorted(work.glob('*/vis_data/scalars.json'))[-1].read_text().splitlines()
     return [json.loads(line)['loss'] for line in scalars if '"loss"' in line]
 
 
 def initial_weights(path: Path) -> Path:
     """A plain checkpoint of a fresh ToyNet: the runners build (and seed) models at
     different points, so equivalence runs start from this file (`load_from`)."""
-    sys.path.insert(0, str(ROOT / 'tests'))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from toy_components import ToyNet
     torch.manual_seed(0)
     torch.save(dict(state_dict=ToyNet().state_dict()), path)
@@ -257,13 +270,12 @@ def test_deepspeed_configs_build():
 
 
 def test_seg_hr18_syncjsbn_zero2_trains_on_cpu(tmp_path, cityscapes):
-    from test_tools import SEG_CHILD
     base = ROOT / 'configs' / 'seg' / 'fcn_hr18_4xb2-40k_cityscapes-512x1024_syncjsbn-ds-zero2.py'
     hooks = 'default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))\n'
     text = SEG_CHILD.format(base=base, data=cityscapes)
     assert hooks in text
     text = text.replace(hooks, hooks[:-2] + ',\n    buffer_check=dict(interval=1))\n')
-    text += 'custom_hooks = []  # adversarial evaluation: tests/test_adversarial.py\n'
+    text += 'custom_hooks = []  # adversarial evaluation: tests/openmmlab/test_adversarial.py\n'
     cfg = tmp_path / 'hr18_ds.py'
     cfg.write_text(text)
     work = tmp_path / 'work'

@@ -1,21 +1,20 @@
 """fcn_hr18 on Cityscapes-shaped data on a GPU (skipped without CUDA).
 
-    .venv/bin/python -m pytest -m gpu tests/test_gpu_train.py -s
+    .venv/bin/python -m pytest -m gpu tests/openmmlab/test_gpu_train.py -s
 
 Trains 50 iterations with SyncJSBN (single process: no group, so it is JSBN) and with the
 SyncBN baseline (a single process reverts it to BN, as mmengine does), on a fixed batch of
 2 images at 512x1024 whose labels depend on the image, and prints the iteration times.
 """
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {'SyncJSBN': 'fcn_hr18_4xb2-40k_cityscapes-512x1024_syncjsbn.py',
            'SyncBN': 'fcn_hr18_4xb2-40k_cityscapes-512x1024_syncbn.py'}
 

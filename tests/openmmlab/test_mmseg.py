@@ -12,7 +12,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 pytest.importorskip('mmcv._ext', reason='mmseg.models needs the compiled mmcv')
 
-import robustbn  # noqa: E402,F401  (registers JSBN, SyncJSBN, ... with mmengine)
 from mmcv.cnn import build_norm_layer  # noqa: E402
 from mmcv.cnn.bricks.norm import is_norm  # noqa: E402
 from mmengine import Config  # noqa: E402
@@ -24,6 +23,8 @@ from mmengine.utils import import_modules_from_strings  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 from mmseg.utils import register_all_modules  # noqa: E402
+
+import robustbn  # noqa: E402,F401  (registers JSBN, SyncJSBN, ... with mmengine)
 from robustbn import JSBN2d, SyncJSBN  # noqa: E402
 
 register_all_modules(init_default_scope=False)

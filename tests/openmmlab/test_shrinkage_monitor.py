@@ -2,9 +2,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from helpers import ROOT
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
@@ -13,8 +13,6 @@ from torch.utils.data import Dataset
 
 import robustbn
 from robustbn.estimators import shrinkage_factors
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Data(Dataset):

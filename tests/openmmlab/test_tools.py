@@ -1,7 +1,7 @@
 """tools/train.py, tools/test.py, the launch scripts and configs/seg, on CPU.
 
 Multi-process runs use the real scripts (torchrun, gloo, DDP without device_ids) on the toy
-model of tests/toy_components.py, which has three SyncJSBN layers:
+model of tests/openmmlab/toy_components.py, which has three SyncJSBN layers:
 - `dist_train.sh CONFIG 2` equals one process with the doubled batch, and every rank ends
   with identical weights and running statistics; the same through FlexibleRunner;
 - two "nodes" (NNODES=2, one process each) form one world of size 2;
@@ -19,130 +19,34 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ROOT,
+    SEG_CHILD,
+    assert_state_equal,
+    check_world,
+    free_port,
+    last_json,
+    rank_states,
+    run,
+    tool_env,
+    train_py,
+    train_two_nodes,
+    write_toy_cfg,
+)
 
 import robustbn  # noqa: F401  (mmengine checkpoints load under torch's weights_only)
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / 'tests'
-TIMEOUT = 300
 SCRIPTS = ('dist_train.sh', 'dist_test.sh', 'slurm_train.sh')
 SEG_CONFIGS = sorted((ROOT / 'configs' / 'seg').glob('*.py'))
 
-TOY_CFG = """
-custom_imports = dict(imports=['robustbn', 'toy_components'], allow_failed_imports=False)
-model = dict(type='ToyNet')
-loader = dict(num_workers=0, collate_fn=dict(type='default_collate'))
-train_dataloader = dict(**loader, batch_size=4,
-                        sampler=dict(type='InfiniteSampler', shuffle=True),
-                        dataset=dict(type='ToyDataset', size=64))
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=4)
-optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.05, momentum=0.9))
-param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=6)]
-test_dataloader = dict(**loader, batch_size=8,
-                       sampler=dict(type='DefaultSampler', shuffle=False),
-                       dataset=dict(type='ToyDataset', size=32, seed=1))
-test_cfg = dict(type='TestLoop')
-test_evaluator = dict(type='ToyAccuracy')
-default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
-                     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2))
-custom_hooks = [dict(type='DumpStateHook')]
-log_processor = dict(by_epoch=False)
-randomness = dict(seed=0)
-env_cfg = dict(dist_cfg=dict(backend='nccl'))  # as mmseg's runtime; CPU runs switch to gloo
-"""
 
-
-# ----------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def tool_env(**extra) -> dict:
-    env = dict(os.environ)
-    path = [str(TESTS), str(ROOT / 'plugin')] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
-    env.update(PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(path),
-               CUDA_VISIBLE_DEVICES='',  # the CPU (gloo) path, on GPU machines too
-               OMP_NUM_THREADS='1',  # the processes share few cores; oversubscribed OpenMP crawls
-               NO_ALBUMENTATIONS_UPDATE='1')
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def start(cmd, env=None) -> subprocess.Popen:
-    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or tool_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # own process group: killed whole on timeout
-
-
-def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> str:
-    """Wait for ``proc``; fail the test with its output if it fails or times out."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        why = f'exited with {proc.returncode}'
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        why = f'timed out after {timeout} s'
-    if proc.returncode != 0:
-        pytest.fail(f'{" ".join(proc.args)} {why}\n--- stdout (end)\n{out[-4000:]}\n'
-                    f'--- stderr (end)\n{err[-12000:]}', pytrace=False)
-    return out
-
-
-def run(cmd, env=None, timeout: float = TIMEOUT) -> str:
-    return finish(start(cmd, env), timeout)
-
-
-def train_py(cfg, work_dir, *args):
-    return [sys.executable, 'tools/train.py', cfg, '--work-dir', work_dir, *args]
-
-
-def write_toy_cfg(directory: Path, extra: str = '') -> Path:
-    path = directory / 'toy.py'
-    path.write_text(TOY_CFG + extra)
-    return path
-
-
-def rank_states(work_dir: Path, world_size: int) -> list:
-    return [torch.load(work_dir / f'state_rank{r}.pth') for r in range(world_size)]
-
-
-def assert_state_equal(a: dict, b: dict, **tol) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **(tol or dict(rtol=0, atol=0)), msg=k)
-
-
-def check_world(states, wrapper='MMDistributedDataParallel', iters=4):
-    world = len(states)
-    assert sorted(s['rank'] for s in states) == list(range(world))
-    for s in states:
-        assert (s['world_size'], s['backend'], s['wrapper'], s['iter']) == \
-            (world, 'gloo', wrapper, iters)
-    for s in states[1:]:  # SyncJSBN running stats (and DDP's weights) equal on every rank
-        assert_state_equal(states[0]['state_dict'], s['state_dict'])
-    tracked = [v for k, v in states[0]['state_dict'].items() if k.endswith('num_batches_tracked')]
-    assert len(tracked) == 3 and all(int(t) == iters for t in tracked)
-
-
-def last_json(work_dir: Path) -> dict:
-    """Metrics that mmengine's LoggerHook dumped after tools/test.py."""
-    files = sorted(work_dir.glob('*/*.json'))
-    assert files, f'no metrics json under {work_dir}'
-    return json.loads(files[-1].read_text())
-
-
+# ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope='module')
 def toy_reference(tmp_path_factory):
     """One process, batch 8, 4 iterations: (config, work dir)."""
@@ -167,18 +71,6 @@ def test_dist_train_two_processes_equal_one_with_double_batch(tmp_path, toy_refe
     ref = rank_states(toy_reference[1], 1)[0]
     assert (ref['world_size'], ref['backend'], ref['wrapper']) == (1, None, 'ToyNet')
     assert_state_equal(ref['state_dict'], states[0]['state_dict'], rtol=1e-5, atol=1e-6)
-
-
-def train_two_nodes(cfg, work) -> list:
-    """`dist_train.sh CFG 1` on two "nodes" (NNODES=2 on 127.0.0.1) sharing ``work``, as
-    a cluster file system; the ranks' dumped states."""
-    port = free_port()
-    procs = [start(['bash', 'tools/dist_train.sh', cfg, 1, '--work-dir', work],
-                   tool_env(NNODES=2, NODE_RANK=node, MASTER_ADDR='127.0.0.1', PORT=port))
-             for node in (0, 1)]
-    for p in procs:
-        finish(p)
-    return rank_states(work, 2)
 
 
 def test_two_nodes_form_one_world(tmp_path):
@@ -247,7 +139,7 @@ def test_setup_cpu_distributed(monkeypatch, launcher, env):
     import torch.distributed as dist
     from mmengine import Config
 
-    from robustbn.launcher import setup_cpu_distributed
+    from robustbn.openmmlab.launcher import setup_cpu_distributed
 
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(name, raising=False)
@@ -272,7 +164,7 @@ def test_setup_cpu_distributed(monkeypatch, launcher, env):
 def test_setup_cpu_distributed_wrappers_and_errors(monkeypatch):
     from mmengine import Config
 
-    from robustbn import launcher as L
+    from robustbn.openmmlab import launcher as L
 
     assert not L.setup_cpu_distributed(Config(dict(launcher='none')))
     # FlexibleRunner: DDPStrategy's default wrapper made CPU-capable; FSDP's left alone.
@@ -295,27 +187,6 @@ def test_setup_cpu_distributed_wrappers_and_errors(monkeypatch):
 
 
 # ---------------------------------------------------------------------- configs/seg
-@pytest.fixture(scope='module')
-def cityscapes(tmp_path_factory):
-    """A tiny Cityscapes folder: leftImg8bit/*_leftImg8bit.png and
-    gtFine/*_gtFine_labelTrainIds.png (train ids 0..18, 255 ignored), 128x256."""
-    import cv2
-    root = tmp_path_factory.mktemp('cityscapes')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 2), ('val', 2)):
-        for i in range(n):
-            stem = f'{split}city_{i:06d}_000019'
-            img = rng.integers(0, 256, (128, 256, 3), dtype=np.uint8)
-            label = np.repeat(np.arange(19, dtype=np.uint8), 14)[None, :256].repeat(128, 0)
-            label[:16] = 255
-            for sub, name, arr in (('leftImg8bit', 'leftImg8bit', img),
-                                   ('gtFine', 'gtFine_labelTrainIds', label)):
-                d = root / sub / split / f'{split}city'
-                d.mkdir(parents=True, exist_ok=True)
-                assert cv2.imwrite(str(d / f'{stem}_{name}.png'), arr)
-    return root
-
-
 def _norm_types(module):
     from torch.nn.modules.batchnorm import _BatchNorm
     return {type(m).__name__ for m in module.modules() if isinstance(m, _BatchNorm)}
@@ -368,37 +239,6 @@ def test_albu_geometric_transform_fills_label_with_ignore():
     seg = out['gt_seg_map']
     assert set(np.unique(seg).tolist()) == {0, 255}
     assert seg[0, 0] == seg[0, -1] == seg[-1, 0] == seg[-1, -1] == 255
-
-
-SEG_CHILD = """
-_base_ = '{base}'
-data_root = '{data}'
-crop_size = (64, 128)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations'),
-    dict(type='RandomResize', scale=(256, 128), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(256, 128), keep_ratio=True),
-    dict(type='LoadAnnotations'),
-    dict(type='PackSegInputs'),
-]
-loader = dict(num_workers=0, persistent_workers=False)
-train_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=test_pipeline))
-test_dataloader = val_dataloader
-model = dict(pretrained=None, data_preprocessor=dict(size=crop_size))  # offline
-train_cfg = dict(max_iters=2, val_interval=100)
-param_scheduler = [dict(type='PolyLR', power=0.9, begin=0, end=2, by_epoch=False)]
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
-randomness = dict(seed=0)
-"""
 
 
 def test_seg_hr18_syncjsbn_trains_and_test_py_evaluates(tmp_path, cityscapes):

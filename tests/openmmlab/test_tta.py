@@ -1,8 +1,8 @@
-"""Test-time adaptation (robustbn.tta, tools/tta_test.py), on CPU.
+"""Test-time adaptation (robustbn.openmmlab.tta, tools/tta_test.py), on CPU.
 
 A narrow ResNet9 (robustbn's ImageClassifier + CifarResNet, BatchNorm) is trained here on
-scikit-learn's digits and tested on a corrupted copy (tests/tta_components.py: lower
-contrast, brighter, grey noise):
+scikit-learn's digits and tested on a corrupted copy (tests/openmmlab/tta_components.py:
+lower contrast, brighter, grey noise):
 - bn_adapt, tent and gprebn each beat the source model by a wide margin; 'source' is
   exactly mmengine's TestLoop; the runner's model is unchanged after every run, as test
   loop and as val loop during training (val hooks fire, the training model is untouched);
@@ -19,15 +19,9 @@ contrast, brighter, grey noise):
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,18 +29,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 pytest.importorskip('mmcv._ext', reason='CifarResNet and mmseg need compiled mmcv')
 
-import robustbn  # noqa: E402,F401  (registers everything)
+import helpers  # noqa: E402
 import tta_components  # noqa: E402,F401  (CorruptedDigits, TinySegDataset, DumpAdaptedHook)
+from helpers import free_port, load_tool  # noqa: E402
 from mmengine.config import Config, ConfigDict  # noqa: E402
 from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.registry import DATASETS, LOOPS, MODELS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from robustbn import tta  # noqa: E402  (not its Test* class: pytest would collect it)
-from robustbn.tta import Adapter, entropy_sum  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / 'tests'
+import robustbn  # noqa: E402,F401  (registers everything)
+from robustbn.openmmlab import tta  # noqa: E402  (not its Test* class: pytest would collect it)
+from robustbn.openmmlab.tta import Adapter, entropy_sum  # noqa: E402
+
 TIMEOUT = 240
 SIZE = 16  # digits resized to 16x16: fast, and ResNet9's last stage is still 2x2
 PIPE = [dict(type='PackClsInputs')]
@@ -80,36 +75,8 @@ log_level = 'WARNING'
 
 
 # ----------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def run_tool(cmd) -> str:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1',
-               NO_ALBUMENTATIONS_UPDATE='1',
-               PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT / 'plugin')]
-                                          + [os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    if proc.returncode != 0:
-        pytest.fail(f'{" ".join(map(str, cmd))} failed ({proc.returncode})\n{out[-3000:]}\n'
-                    f'{err[-8000:]}', pytrace=False)
-    return out
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.run(cmd, timeout=TIMEOUT)
 
 
 def state(model) -> dict:
@@ -353,7 +320,8 @@ def test_tta_test_sets_both_corruption_forms_and_refuses_others():
     tool.set_corruption(ds, 'frost', 2)
     assert ds['dataset']['pipeline'][1] == dict(type='ImageNetCorruption', corruption='frost',
                                                 severity=2)
-    assert tool.default_corruptions(ds) == list(robustbn.datasets.CORRUPTIONS)  # on the fly
+    # on the fly
+    assert tool.default_corruptions(ds) == list(robustbn.openmmlab.datasets.CORRUPTIONS)
     assert len(tool.default_corruptions(dict(type='CIFAR10C'))) == 15
     with pytest.raises(ValueError, match="neither 'corruption'/'severity' keys"):
         tool.set_corruption(dict(type='DigitsDataset', pipeline=PIPE), 'fog', 1)

@@ -1,7 +1,9 @@
-"""A small mmengine model, data set, metric and hook for the launch tests (tests/test_tools.py).
+"""A small mmengine model, data set, metric and hook for the launch tests
+(tests/openmmlab/test_tools.py, test_deepspeed.py).
 
 Registered in mmengine's root registries; a config loads them with
-``custom_imports=dict(imports=['robustbn', 'toy_components'])`` and tests/ on PYTHONPATH.
+``custom_imports=dict(imports=['robustbn', 'toy_components'])`` and tests/openmmlab on
+PYTHONPATH (helpers.tool_env).
 The model uses the real SyncJSBN layers, the data are fixed by a seed, so runs with the
 same seed and global batch give the same weights.
 """

@@ -1,10 +1,11 @@
-"""A corrupted-digits data set for the test-time adaptation tests (tests/test_tta.py).
+"""A corrupted-digits data set for the test-time adaptation tests
+(tests/openmmlab/test_tta.py).
 
 ``CorruptedDigits`` is robustbn's ``DigitsDataset`` with the two config keys the
 corruption benchmarks use, ``corruption`` and ``severity``, so tools/tta_test.py can set
 them as it does for CIFAR-10-C. Registered in mmengine's root DATASETS; configs load it
-with ``custom_imports=dict(imports=['robustbn', 'tta_components'])`` and tests/ on
-PYTHONPATH. Also ``TinySegDataset`` (generated images and label maps for mmseg) and a
+with ``custom_imports=dict(imports=['robustbn', 'tta_components'])`` and tests/openmmlab
+on PYTHONPATH. Also ``TinySegDataset`` (generated images and label maps for mmseg) and a
 hook that saves each rank's adapted model and predictions.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mmengine.dataset import BaseDataset
 from mmengine.hooks import Hook
 from mmengine.registry import DATASETS, HOOKS
 
-from robustbn.datasets import DigitsDataset
+from robustbn.openmmlab.datasets import DigitsDataset
 
 # Per severity unit: contrast loss, brightness gain, noise standard deviation (0..255).
 CORRUPTIONS = {

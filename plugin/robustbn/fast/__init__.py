@@ -7,7 +7,7 @@ backward per layer (plus one collective each way when synchronized).
 - mode ``'on'``: any device and float64 too (CPU tensors need ``TRITON_INTERPRET=1``, set
   before Triton is imported: the kernels then run in Triton's interpreter, for tests);
 - mode ``'off'`` (default): never (the reference path: plain torch, autograd on the
-  C-vectors). The default stays 'off' until the GPU tests (tests/test_gpu.py) and
+  C-vectors). The default stays 'off' until the GPU tests (tests/core/test_gpu.py) and
   benchmarks have run on hardware: the kernels are verified in Triton's interpreter only.
 
 In every mode, calls the kernels cannot take use the reference path: an estimator without

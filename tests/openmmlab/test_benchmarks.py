@@ -1,0 +1,13 @@
+"""tools/benchmark_train.py on CPU (its models build on OpenMMLab; tools/benchmark_norm.py,
+torch alone: tests/core/test_fast_path.py)."""
+from helpers import load_tool
+
+
+def test_benchmark_train_cpu_smoke(capsys):
+    rows = load_tool('benchmark_train').main(
+        ['--device', 'cpu', '--models', 'resnet50', '--norms', 'BN', 'JSBN', '--dtypes', 'fp32',
+         '--cls-shape', '2', '32', '--iters', '1', '--warmup', '1'])
+    out = capsys.readouterr().out
+    assert [(r['model'], r['norm']) for r in rows] == [('resnet50', 'BN'), ('resnet50', 'JSBN')]
+    assert rows[0]['ms_vs_bn'] == 1.0 and rows[1]['ms'] > 0
+    assert '| resnet50 | JSBN | - | fp32 | 2x32 |' in out
