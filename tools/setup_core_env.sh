@@ -11,7 +11,7 @@ VENV=${VENV:-.venv-core}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 # setuptools and wheel: to build robustbn without build isolation (pinned versions).
-"${PIP[@]}" -c requirements.lock torch torchvision numpy pytest timm setuptools wheel
+"${PIP[@]}" -c requirements.lock torch torchvision numpy pytest expecttest timm setuptools wheel
 rm -rf build  # a stale build/lib would install removed modules too
 "${PIP[@]}" --no-deps --no-build-isolation --force-reinstall .
 # The core must import with torch alone: no OpenMMLab package may be present.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -38,6 +39,16 @@ class ShrunkBatchNorm(_BatchNorm):
     input_dims: Optional[Tuple[int, ...]] = None
     synchronized = False
     process_group = None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype)
+        # Training batches whose statistics were not finite in some channel (that
+        # channel's running statistics were kept). Not saved: BN checkpoints stay as they are.
+        self.register_buffer('nonfinite_batches',
+                             torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     def _check_input_dim(self, x: Tensor) -> None:
         dims = self.input_dims
@@ -79,8 +90,8 @@ def sync_group(process_group=None):
 
 def check_batch_stats_input(x: Tensor, group) -> None:
     """BatchNorm's error for a batch with one value per channel (checked locally only:
-    across ranks the global count would need a host sync)."""
-    if group is None and x.numel() // x.size(1) <= 1:
+    across ranks the global count would need a host sync). An empty batch is fine."""
+    if group is None and x.numel() // x.size(1) == 1:
         raise ValueError('Expected more than 1 value per channel when using batch '
                          f'statistics, got input size {tuple(x.shape)}')
 

@@ -42,93 +42,122 @@ def _log(v: Tensor) -> Tensor:
     return torch.log(v.clamp_min(torch.finfo(v.dtype).tiny))
 
 
-def geometric_mean(v: Tensor) -> Tensor:
-    """exp(mean(log v)): the geometric mean without the overflow of prod(v) ** (1/C)."""
-    return torch.exp(_log(v).mean())
+def finite_channels(m: Tensor, v: Tensor) -> Tensor:
+    """The channels whose batch statistics are finite (a bool C-vector)."""
+    return torch.isfinite(m) & torch.isfinite(v)
 
 
-def paper_mean(m: Tensor) -> Tensor:
+def _channel_set(u: Tensor, mask: Optional[Tensor]):
+    """(u0, c, ubar, d) of the channels in ``mask`` (None: all): u with the others
+    zeroed, their count (a 0-dim tensor, >= 1 so that means stay finite), mean, and the
+    deviations from it (zero outside the set). Cross-channel sums over u0 and d take the
+    set's channels only, so a non-finite channel outside it cannot reach the others."""
+    if mask is None:
+        mask = torch.ones_like(u, dtype=torch.bool)
+    u0 = torch.where(mask, u, torch.zeros_like(u))
+    c = mask.sum().to(u.dtype).clamp_min(1)
+    ubar = u0.sum() / c
+    return u0, c, ubar, torch.where(mask, u0 - ubar, torch.zeros_like(u))
+
+
+def geometric_mean(v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """exp(mean(log v)) over ``mask``: without the overflow of prod(v) ** (1/C)."""
+    _, c, mean_log, _ = _channel_set(_log(v), mask)
+    return torch.exp(mean_log)
+
+
+def _paper_k(c: Tensor) -> Tensor:
+    return ((c - 2) * c / (c + 1)).clamp_min(0)
+
+
+def paper_mean(m: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Mean estimator of the 2025 JS-BN paper's released code.
 
     s2 = (1/C) sum_k (m_k - mean(m))^2,  a = 1 - (C-2) C/(C+1) s2 / ||m||^2,  m_JS = a m.
     Since s2 <= ||m||^2 / C, a >= 3/(C+1) > 0. ||m|| = 0 gives a = 1 (m_JS = m = 0).
     """
-    c = m.numel()
-    s2 = (m - m.mean()).square().mean()
-    a = 1 - (c - 2) * c / (c + 1) * _safe_ratio(s2, m.square().sum())
+    m0, c, _, d = _channel_set(m, mask)
+    a = 1 - _paper_k(c) * _safe_ratio(d.square().sum() / c, m0.square().sum())
     return a * m
 
 
-def paper_var(v: Tensor, n) -> Tensor:
+def _paper_var_mult(n, c: Tensor):
+    r = n / (n + 1)
+    return r, (4 * (c - 1) * r / ((n - 1) * c + 2)).clamp_min(0)
+
+
+def paper_var(v: Tensor, n, mask: Optional[Tensor] = None) -> Tensor:
     """Variance estimator of the 2025 JS-BN paper's released code.
 
     v_JS = N/(N+1) v + M G,  M = 4(C-1) N/(N+1) / ((N-1) C + 2),  G = exp(mean(log v)).
     """
-    c = v.numel()
-    r = n / (n + 1)
-    mult = 4 * (c - 1) * r / ((n - 1) * c + 2)
-    return r * v + mult * geometric_mean(v)
+    r, mult = _paper_var_mult(n, _channel_set(v, mask)[1])
+    return r * v + mult * geometric_mean(v, mask)
 
 
-def wacv_shrink(u: Tensor) -> Tensor:
+def wacv_shrink(u: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """James-Stein toward 0 as in JSNorm (WACV 2024), used for both means and variances.
 
     s2 = (1/C) sum_k (u_k - mean(u))^2,  a = 1 - (C-2) s2 / ||u||^2,  u_JS = a u  (a >= 2/C).
     """
-    c = u.numel()
-    s2 = (u - u.mean()).square().mean()
-    return (1 - (c - 2) * _safe_ratio(s2, u.square().sum())) * u
+    u0, c, _, d = _channel_set(u, mask)
+    return (1 - (c - 2).clamp_min(0) * _safe_ratio(d.square().sum() / c, u0.square().sum())) * u
 
 
-def efron_morris(u: Tensor, noise_var) -> Tensor:
+def efron_morris(u: Tensor, noise_var, mask: Optional[Tensor] = None) -> Tensor:
     """Positive-part James-Stein toward the grand mean (Efron-Morris).
 
     u_JS = mean(u) + max(0, 1 - (C-3) noise_var / ||u - mean(u)||^2) (u - mean(u)).
     """
-    c = u.numel()
-    ubar = u.mean()
-    d = u - ubar
+    _, c, ubar, d = _channel_set(u, mask)
     s = d.square().sum()
     # s == 0 means u is already constant: any factor gives u back; use 1.
-    shrink = torch.where(s > 0, (c - 3) * noise_var / torch.where(s > 0, s, torch.ones_like(s)),
-                         torch.zeros_like(s))
+    shrink = torch.where(s > 0, (c - 3).clamp_min(0) * noise_var
+                         / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     return ubar + (1 - shrink).clamp_min(0) * d
 
 
-def none(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
+def _masked_mean(u: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    return _channel_set(u, mask)[2]
+
+
+def none(m: Tensor, v: Tensor, n, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """No shrinkage: plain batch statistics (exactly BatchNorm)."""
     return m, v
 
 
-def paper(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
+def paper(m: Tensor, v: Tensor, n, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """2025 JS-BN paper: ``paper_mean`` for the means, ``paper_var`` for the variances."""
-    return paper_mean(m), paper_var(v, n)
+    return paper_mean(m, mask), paper_var(v, n, mask)
 
 
-def paper_mean_only(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
+def paper_mean_only(m: Tensor, v: Tensor, n,
+                    mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """2025 JS-BN paper's mean estimator with the plain batch variance."""
-    return paper_mean(m), v
+    return paper_mean(m, mask), v
 
 
-def wacv(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
+def wacv(m: Tensor, v: Tensor, n, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """JSNorm (WACV 2024): ``wacv_shrink`` on the means and on the variances."""
-    return wacv_shrink(m), wacv_shrink(v)
+    return wacv_shrink(m, mask), wacv_shrink(v, mask)
 
 
-def classic(m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
+def classic(m: Tensor, v: Tensor, n, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Textbook positive-part James-Stein (Efron-Morris) with noise variances.
 
     means:     ``efron_morris(m, tau2)`` with tau2 = mean_k(v_k) / N (variance of a mean);
     variances: ``exp(efron_morris(log v, 2 / (N-1)))`` (variance of a log sample variance).
     """
-    m_js = efron_morris(m, v.mean() / n)
-    v_js = torch.exp(efron_morris(_log(v), 2 / (n - 1)))
+    m_js = efron_morris(m, _masked_mean(v, mask) / n, mask)
+    v_js = torch.exp(efron_morris(_log(v), 2 / (n - 1), mask))
     return m_js, v_js
 
 
 # Closed-form vector-Jacobian products: (dL/dm, dL/dv) from (dL/dmean_used, dL/dvar_used),
 # equal to autograd through the functions above, guards included (where a guard selects a
 # constant, the gradient through it is zero; clamp_min passes the gradient where v >= tiny).
+# Outside ``mask`` the results are not used (EstimatorSpec.backward passes those channels'
+# gradients through), and the output gradients there never enter the cross-channel sums.
 
 def _log_vjp(v: Tensor, grad_log: Tensor) -> Tensor:
     """VJP of ``_log``: 1/v where v >= tiny (the clamp's gradient), 0 below."""
@@ -136,79 +165,86 @@ def _log_vjp(v: Tensor, grad_log: Tensor) -> Tensor:
     return torch.where(ok, grad_log / torch.where(ok, v, torch.ones_like(v)), torch.zeros_like(v))
 
 
-def shrink_to_zero_vjp(u: Tensor, g: Tensor, k) -> Tensor:
+def _in(g: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return g if mask is None else torch.where(mask, g, torch.zeros_like(g))
+
+
+def shrink_to_zero_vjp(u: Tensor, g: Tensor, k_of_c, mask: Tensor) -> Tensor:
     """VJP of a u with a = 1 - k s2/||u||^2 (``paper_mean``: k = (C-2)C/(C+1); ``wacv_shrink``:
     k = C-2), s2 = mean((u - mean(u))^2); a = 1 and no gradient through it when ||u|| = 0."""
-    c = u.numel()
-    d = u - u.mean()
-    s2 = d.square().mean()
-    q = u.square().sum()
+    u0, c, _, d = _channel_set(u, mask)
+    k = k_of_c(c)
+    s2 = d.square().sum() / c
+    q = u0.square().sum()
     ok = q > 0
     q1 = torch.where(ok, q, torch.ones_like(q))
     a = 1 - k * torch.where(ok, s2 / q1, torch.zeros_like(q))
     # da/du = -k (2 d / (C q) - 2 s2 u / q^2)
-    gu = (g * u).sum()
-    da = torch.where(ok, -k * (2 * d / (c * q1) - 2 * s2 * u / q1.square()), torch.zeros_like(u))
+    gu = (_in(g, mask) * u0).sum()
+    da = torch.where(ok, -k * (2 * d / (c * q1) - 2 * s2 * u0 / q1.square()),
+                     torch.zeros_like(u))
     return a * g + gu * da
 
 
-def paper_var_vjp(v: Tensor, n, h: Tensor) -> Tensor:
+def paper_var_vjp(v: Tensor, n, h: Tensor, mask: Tensor) -> Tensor:
     """VJP of ``paper_var``: r h + M sum(h) G / (C v) (the geometric mean's gradient)."""
-    c = v.numel()
-    r = n / (n + 1)
-    mult = 4 * (c - 1) * r / ((n - 1) * c + 2)
-    return r * h + _log_vjp(v, mult * h.sum() * geometric_mean(v) / c)
+    c = _channel_set(v, mask)[1]
+    r, mult = _paper_var_mult(n, c)
+    return r * h + _log_vjp(v, mult * _in(h, mask).sum() * geometric_mean(v, mask) / c)
 
 
-def efron_morris_vjp(u: Tensor, noise_var, g: Tensor):
+def efron_morris_vjp(u: Tensor, noise_var, g: Tensor, mask: Tensor):
     """VJP of ``efron_morris``: (dL/du, dL/dnoise_var).
 
     With d = u - mean(u), s = ||d||^2, shrink = (C-3) noise_var / s, f = max(0, 1 - shrink):
     dL/du = mean(g) + f (g - mean(g)) + 2 [1 - shrink >= 0] (C-3) noise_var (g.d) d / s^2,
     dL/dnoise_var = -[1 - shrink >= 0] (C-3) (g.d) / s; both shrink terms vanish when s = 0.
     """
-    c = u.numel()
-    d = u - u.mean()
+    _, c, _, d = _channel_set(u, mask)
+    k = (c - 3).clamp_min(0)
     s = d.square().sum()
     ok = s > 0
     s1 = torch.where(ok, s, torch.ones_like(s))
-    shrink = torch.where(ok, (c - 3) * noise_var / s1, torch.zeros_like(s))
+    shrink = torch.where(ok, k * noise_var / s1, torch.zeros_like(s))
     f = (1 - shrink).clamp_min(0)
     live = ok & (1 - shrink >= 0)  # clamp_min passes the gradient at exactly 0
-    gd = (g * d).sum()
-    gbar = g.mean()
-    du = gbar + f * (g - gbar) + torch.where(live, 2 * (c - 3) * noise_var * gd / s1.square(),
+    g0 = _in(g, mask)
+    gd = (g0 * d).sum()
+    gbar = g0.sum() / c
+    du = gbar + f * (g - gbar) + torch.where(live, 2 * k * noise_var * gd / s1.square(),
                                              torch.zeros_like(s)) * d
-    dnv = torch.where(live, -(c - 3) * gd / s1, torch.zeros_like(s))
+    dnv = torch.where(live, -k * gd / s1, torch.zeros_like(s))
     return du, dnv
 
 
-def none_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
+def none_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor):
     return d_mu, d_var
 
 
-def paper_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
-    c = m.numel()
-    return shrink_to_zero_vjp(m, d_mu, (c - 2) * c / (c + 1)), paper_var_vjp(v, n, d_var)
+def paper_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor):
+    return (shrink_to_zero_vjp(m, d_mu, _paper_k, mask),
+            paper_var_vjp(v, n, d_var, mask))
 
 
-def paper_mean_only_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
-    c = m.numel()
-    return shrink_to_zero_vjp(m, d_mu, (c - 2) * c / (c + 1)), d_var
+def paper_mean_only_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor):
+    return shrink_to_zero_vjp(m, d_mu, _paper_k, mask), d_var
 
 
-def wacv_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
-    c = m.numel()
-    return shrink_to_zero_vjp(m, d_mu, c - 2), shrink_to_zero_vjp(v, d_var, c - 2)
+def _wacv_k(c: Tensor) -> Tensor:
+    return (c - 2).clamp_min(0)
 
 
-def classic_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor) -> Tuple[Tensor, Tensor]:
+def wacv_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor):
+    return shrink_to_zero_vjp(m, d_mu, _wacv_k, mask), shrink_to_zero_vjp(v, d_var, _wacv_k, mask)
+
+
+def classic_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor):
     """The means depend on v through tau2 = mean(v)/N; the variances go through log."""
-    c = m.numel()
-    dm, d_tau2 = efron_morris_vjp(m, v.mean() / n, d_mu)
+    c = _channel_set(v, mask)[1]
+    dm, d_tau2 = efron_morris_vjp(m, _masked_mean(v, mask) / n, d_mu, mask)
     lv = _log(v)
-    var = torch.exp(efron_morris(lv, 2 / (n - 1)))
-    d_lv, _ = efron_morris_vjp(lv, 2 / (n - 1), d_var * var)
+    var = torch.exp(efron_morris(lv, 2 / (n - 1), mask))
+    d_lv, _ = efron_morris_vjp(lv, 2 / (n - 1), d_var * var, mask)
     return dm, d_tau2 / (c * n) + _log_vjp(v, d_lv)
 
 
@@ -217,49 +253,74 @@ class EstimatorSpec:
 
     Args:
         name: the name layers and configs use (``estimator='paper'``).
-        fn: ``fn(mean, var, count) -> (mean_used, var_used)`` on C-vectors (see above).
+        fn: ``fn(mean, var, count) -> (mean_used, var_used)`` on C-vectors (see above);
+            with ``masked``, ``fn(mean, var, count, mask)``.
         vjp: closed-form vector-Jacobian product ``vjp(mean, var, count, d_mean_used,
-            d_var_used) -> (d_mean, d_var)``, or None: autograd through ``fn``.
-        min_channels: below this many channels the batch statistics are used unchanged
+            d_var_used[, mask]) -> (d_mean, d_var)``, or None: autograd through ``fn``.
+        min_channels: with fewer channels the batch statistics are used unchanged
             (shrinkage across channels needs enough of them).
         fast_code: the branch of the CUDA kernels (``robustbn.fast``) that implements
             ``fn`` and ``vjp``, or None: always the reference path.
+        masked: ``fn`` (and ``vjp``) take a bool C-vector ``mask`` of the channels whose
+            statistics are finite and reduce across those channels only.
 
-    Calling a spec applies the channel guard, then ``fn``.
+    Non-finite channels: a channel whose batch mean or variance is not finite keeps its
+    batch statistics (as in BatchNorm, its output is then what BatchNorm gives), and with
+    ``masked`` it does not enter the other channels' estimates. Calling a spec applies
+    that rule and the channel guard (counted over the finite channels), then ``fn``.
     """
 
-    __slots__ = ('name', 'fn', 'vjp', 'min_channels', 'fast_code')
+    __slots__ = ('name', 'fn', 'vjp', 'min_channels', 'fast_code', 'masked')
 
     def __init__(self, name: str, fn: Estimator, vjp: Optional[EstimatorVJP] = None,
-                 min_channels: int = 0, fast_code: Optional[int] = None) -> None:
+                 min_channels: int = 0, fast_code: Optional[int] = None,
+                 masked: bool = False) -> None:
         self.name, self.fn, self.vjp = name, fn, vjp
-        self.min_channels, self.fast_code = min_channels, fast_code
+        self.min_channels, self.fast_code, self.masked = min_channels, fast_code, masked
 
     def shrinks(self, channels: int) -> bool:
         return channels >= self.min_channels
 
-    def __call__(self, m: Tensor, v: Tensor, n) -> Tuple[Tensor, Tensor]:
-        return self.fn(m, v, n) if self.shrinks(m.numel()) else (m, v)
+    def _keep(self, mask: Tensor) -> Tensor:
+        """The channels that take the estimate: finite, and enough finite channels."""
+        return mask & (mask.sum() >= self.min_channels)
 
-    def backward(self, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
+    def __call__(self, m: Tensor, v: Tensor, n, mask: Optional[Tensor] = None):
+        if not self.shrinks(m.numel()):
+            return m, v
+        mask = finite_channels(m, v) if mask is None else mask
+        mu, var = self.fn(m, v, n, mask) if self.masked else self.fn(m, v, n)
+        keep = self._keep(mask)
+        return torch.where(keep, mu, m), torch.where(keep, var, v)
+
+    def backward(self, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor,
+                 mask: Optional[Tensor] = None):
         """(dL/dm, dL/dv) from (dL/dmean_used, dL/dvar_used): the closed form if declared,
-        else autograd through ``fn``."""
+        else autograd through ``fn``; identity in the channels that keep their batch
+        statistics, whose output gradients do not reach the others (with ``masked``)."""
         if not self.shrinks(m.numel()):
             return d_mu, d_var
+        mask = finite_channels(m, v) if mask is None else mask
+        keep = self._keep(mask)
+        d_mu0, d_var0 = torch.where(keep, d_mu, 0), torch.where(keep, d_var, 0)
+        args = (mask,) if self.masked else ()
         if self.vjp is not None:
-            return self.vjp(m, v, n, d_mu, d_var)
-        return autograd_vjp(self.fn, m, v, n, d_mu, d_var)
+            dm, dv = self.vjp(m, v, n, d_mu0, d_var0, *args)
+        else:
+            dm, dv = autograd_vjp(self.fn, m, v, n, d_mu0, d_var0, *args)
+        return torch.where(keep, dm, d_mu), torch.where(keep, dv, d_var)
 
     def __repr__(self) -> str:
         return f'EstimatorSpec({self.name!r})'
 
 
-def autograd_vjp(fn: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
+def autograd_vjp(fn: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor,
+                 *args):
     """The VJP of any estimator function by autograd on the C-vectors."""
     with torch.enable_grad():
         m_ = m.detach().requires_grad_()
         v_ = v.detach().requires_grad_()
-        mu, var = fn(m_, v_, n)
+        mu, var = fn(m_, v_, n, *args)
         dm, dv = torch.autograd.grad((mu, var), (m_, v_), (d_mu, d_var), allow_unused=True)
     return (torch.zeros_like(m) if dm is None else dm), (torch.zeros_like(v) if dv is None else dv)
 
@@ -277,13 +338,16 @@ ESTIMATORS: Dict[str, EstimatorSpec] = _Registry()
 
 
 def register_estimator(name: str, fn: Estimator, *, vjp: Optional[EstimatorVJP] = None,
-                       min_channels: int = 0) -> EstimatorSpec:
+                       min_channels: int = 0, masked: bool = False) -> EstimatorSpec:
     """Make ``fn`` available to every layer as ``estimator=name`` (configs included).
 
     ``fn(mean, var, count) -> (mean_used, var_used)`` must be differentiable with torch
     ops: the layers' backward uses ``vjp`` if given, else autograd through ``fn``. User
     estimators always run on the reference path (the CUDA kernels implement the built-in
-    ones only), whatever the fast-path mode. Returns the registered spec.
+    ones only), whatever the fast-path mode. Channels with non-finite statistics keep
+    their batch statistics; ``fn`` sees them unless ``masked=True``, in which case it is
+    called as ``fn(mean, var, count, mask)`` and should reduce over ``mask`` only (see
+    :class:`EstimatorSpec`). Returns the registered spec.
 
     Example::
 
@@ -301,7 +365,7 @@ def register_estimator(name: str, fn: Estimator, *, vjp: Optional[EstimatorVJP] 
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
         raise ValueError(f'estimator {name!r}: min_channels must be an int >= 0, '
                          f'got {min_channels!r}')
-    spec = EstimatorSpec(name, fn, vjp, min_channels)
+    spec = EstimatorSpec(name, fn, vjp, min_channels, masked=bool(masked))
     dict.__setitem__(ESTIMATORS, name, spec)
     return spec
 
@@ -319,11 +383,11 @@ def get_estimator(name: str) -> EstimatorSpec:
 # shrinkage to make sense; 'classic' gives no risk improvement below 4 channels.
 # fast_code: the EST branch of robustbn/fast/vector_kernels.py (0 is also every estimator
 # below its minimum channel count).
-for _spec in (EstimatorSpec('none', none, none_vjp, 0, 0),
-              EstimatorSpec('paper', paper, paper_vjp, 3, 1),
-              EstimatorSpec('paper_mean', paper_mean_only, paper_mean_only_vjp, 3, 2),
-              EstimatorSpec('wacv', wacv, wacv_vjp, 3, 3),
-              EstimatorSpec('classic', classic, classic_vjp, 4, 4)):
+for _spec in (EstimatorSpec('none', none, none_vjp, 0, 0, masked=True),
+              EstimatorSpec('paper', paper, paper_vjp, 3, 1, masked=True),
+              EstimatorSpec('paper_mean', paper_mean_only, paper_mean_only_vjp, 3, 2, masked=True),
+              EstimatorSpec('wacv', wacv, wacv_vjp, 3, 3, masked=True),
+              EstimatorSpec('classic', classic, classic_vjp, 4, 4, masked=True)):
     dict.__setitem__(ESTIMATORS, _spec.name, _spec)
 del _spec
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fast
-from .estimators import Estimator, EstimatorSpec, autograd_vjp, shrinkage_factors
+from .estimators import Estimator, EstimatorSpec, finite_channels, shrinkage_factors
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,22 +119,28 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
     gradient is sum(g * (x - mu) / sigma) either way, and (mu, var) get no gradient.
 
     ``updates``: (mean_buffer, var_buffer, factor) triples updated in place, after the
-    output is computed, as an EMA of (mu_c, var_c * N/(N-1)). ``group`` is None for local
-    statistics or the process group to synchronize over; ``record`` a list to append the
-    estimator's ``shrinkage_factors`` to.
+    output is computed, as an EMA of (mu_c, var_c * N/(N-1)) (see :func:`update_running`).
+    ``group`` is None for local statistics or the process group to synchronize over;
+    ``record`` a list to append the estimator's ``shrinkage_factors`` to; ``nonfinite`` a
+    counter of the batches whose statistics were not finite in some channel.
+
+    Non-finite statistics stay in their channel: the estimator leaves such a channel's
+    batch statistics as they are and keeps it out of the other channels' estimates, and
+    no running statistic is updated with a non-finite value (that channel keeps its old
+    one).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                estimator: Estimator, eps: float, group, updates, ref_stats,
-                record: Optional[list]) -> Tensor:
+                estimator: EstimatorSpec, eps: float, group, updates, ref_stats,
+                record: Optional[list], nonfinite: Optional[Tensor]) -> Tensor:
         with _no_autocast(x):
             return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, estimator, eps, group,
-                                                    updates, ref_stats, record)
+                                                    updates, ref_stats, record, nonfinite)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, estimator, eps, group, updates, ref_stats,
-                 record) -> Tensor:
+    def _forward(ctx, x, weight, bias, estimator, eps, group, updates, ref_stats, record,
+                 nonfinite) -> Tensor:
         n_local, mean_l, m2_l = local_moments(x)
         if group is None:
             n = float(n_local)
@@ -142,7 +148,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
         else:
             n, m, v = _gather_moments(n_local, mean_l, m2_l, group)
         with torch.no_grad():
-            mu, var = estimator(m, v, n)
+            mu, var = estimator(m, v, n, finite_channels(m, v))
             if record is not None:  # on request only: a few small kernels, no host sync
                 record.append(shrinkage_factors(m, v, mu, var))
         out_mu, out_var = (mu, var) if ref_stats is None else \
@@ -154,9 +160,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
         if updates:
             # A global count of 1 is only possible across ranks (checked locally otherwise).
             bessel = n / (n - 1) if group is None else n / (n - 1).clamp_min(1)
-            for mean_buf, var_buf, factor in updates:
-                mean_buf.lerp_(mu.to(mean_buf.dtype), factor)
-                var_buf.lerp_((var * bessel).to(var_buf.dtype), factor)
+            update_running(updates, mu, var * bessel, n, nonfinite)
 
         ctx.save_for_backward(x, weight, m, v, mu, var, out_mu, out_var)
         ctx.n, ctx.estimator, ctx.group, ctx.eps = n, estimator, group, eps
@@ -195,39 +199,67 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             w = out_invstd if weight is None else out_invstd * weight.to(out_invstd.dtype)
             d_mu = -w * sum_g
             d_var = -0.5 * w * invstd * sum_gx
-            dm, dv = _estimator_vjp(ctx.estimator, m, v, n, d_mu, d_var)
+            dm, dv = ctx.estimator.backward(m, v, n, d_mu, d_var)
             # dx = g w + 2 dv/N (x - m) + dm/N in one pass (statistics dtype via promotion).
             grad_x = (x - _bcast(m, x)).mul_(_bcast(2 * dv / n, x))
             grad_x.addcmul_(grad_out, _bcast(w, x)).add_(_bcast(dm / n, x))
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _estimator_vjp(estimator: Estimator, m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor):
-    """(dL/dm, dL/dv) from (dL/dmu, dL/dvar) through the estimator, on the C-vectors: a
-    registered estimator's declared VJP, autograd for any other callable."""
+def update_running(updates, mu: Tensor, var_unbiased: Tensor, n,
+                   nonfinite: Optional[Tensor] = None) -> None:
+    """EMA updates ``buf += factor * (stat - buf)`` of each (mean, var, factor) in
+    ``updates``, in place, per channel only where both statistics are finite (elsewhere the
+    old value stays and ``nonfinite`` counts the batch), and not at all when the (global)
+    batch was empty (``n`` == 0)."""
+    ok = torch.isfinite(mu) & torch.isfinite(var_unbiased)
+    if nonfinite is not None:
+        nonfinite.add_((~ok).any())
+    if isinstance(n, Tensor):  # a global count: no host sync
+        ok = ok & (n > 0)
+    elif n == 0:
+        return
+    for mean_buf, var_buf, factor in updates:
+        # lerp(old, old, f) is exactly old
+        mean_buf.lerp_(torch.where(ok, mu.to(mean_buf.dtype), mean_buf), factor)
+        var_buf.lerp_(torch.where(ok, var_unbiased.to(var_buf.dtype), var_buf), factor)
+
+
+def as_estimator(estimator) -> EstimatorSpec:
+    """A registered estimator as it is; any other callable ``fn(mean, var, count)`` as an
+    undeclared one (autograd VJP, reference path)."""
     if isinstance(estimator, EstimatorSpec):
-        return estimator.backward(m, v, n, d_mu, d_var)
-    return autograd_vjp(estimator, m, v, n, d_mu, d_var)
+        return estimator
+    if not callable(estimator):
+        raise TypeError(f'estimator must be an EstimatorSpec or a callable, got {estimator!r}')
+    return EstimatorSpec(getattr(estimator, '__name__', 'callable'), estimator)
 
 
 def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       estimator: Estimator, eps: float = 1e-5, avg_factor: float = 0.0,
                       group=None, record: Optional[list] = None, ref_stats=None,
-                      extra_updates=()) -> Tensor:
+                      extra_updates=(), nonfinite: Optional[Tensor] = None) -> Tensor:
     """Functional form of :class:`ShrunkBatchNormFunction` (always batch statistics).
 
     ``running_mean``/``running_var`` (or None) get an EMA update with ``avg_factor``;
-    ``extra_updates`` more (mean, var, factor) triples; ``ref_stats`` makes it GpreBN.
-    Built-in estimators on CUDA take the fast path (``robustbn.fast``).
+    ``extra_updates`` more (mean, var, factor) triples; ``ref_stats`` makes it GpreBN;
+    ``nonfinite`` (a 0-dim integer tensor) counts the batches whose statistics were not
+    finite in some channel. ``estimator``: a registered one (``get_estimator``) or any
+    callable ``fn(mean, var, count)``. Built-in estimators on CUDA take the fast path
+    (``robustbn.fast``).
     """
     updates = tuple(extra_updates)
     if running_mean is not None and avg_factor > 0:
         updates = ((running_mean, running_var, avg_factor),) + updates
-    name = fast.fast_path_estimator(x, estimator, len(updates))
+    estimator = as_estimator(estimator)
+    # An empty local batch (BatchNorm: empty output, no statistics) takes the reference
+    # path; an empty rank of a synchronized layer stays on its peers' path (collectives).
+    local_empty = group is None and x.numel() == 0
+    name = None if local_empty else fast.fast_path_estimator(x, estimator, len(updates))
     if name is not None:  # a built-in estimator the kernels implement
         return fast.shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates,
-                                           ref_stats, record)
+                                           ref_stats, record, nonfinite)
     return ShrunkBatchNormFunction.apply(x, weight, bias, estimator, eps, group, updates,
-                                         ref_stats, record)
+                                         ref_stats, record, nonfinite)

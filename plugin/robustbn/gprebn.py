@@ -124,7 +124,7 @@ class GpreBatchNorm(ShrunkBatchNorm):
             updates.append((self.running_mean, self.running_var, ema_factor(self)))
         return shrunk_batch_norm(x, self.weight, self.bias, None, None, self._estimator,
                                  self.eps, group=group, ref_stats=(mu, var),
-                                 extra_updates=updates)
+                                 extra_updates=updates, nonfinite=self.nonfinite_batches)
 
 
 class GpreBN1d(GpreBatchNorm):

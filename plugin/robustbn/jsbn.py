@@ -79,7 +79,8 @@ class JSBatchNorm(ShrunkBatchNorm):
         avg_factor = ema_factor(self) if self.training and self.track_running_stats else 0.0
         record = [] if self.record_factors else None
         y = shrunk_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                              self._estimator, self.eps, avg_factor, group, record)
+                              self._estimator, self.eps, avg_factor, group, record,
+                              nonfinite=self.nonfinite_batches)
         if record:
             self.last_factors = record[0]
         return y

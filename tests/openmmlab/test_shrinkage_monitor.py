@@ -108,3 +108,48 @@ def test_plot_tool_explains_missing_data(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'plot_shrinkage.py'),
                            str(tmp_path / 'scalars.json')], capture_output=True, text=True)
     assert proc.returncode != 0 and 'ShrinkageMonitorHook' in proc.stderr
+
+
+class _OverflowData(_Data):
+    """Sample 5 has one huge (finite) feature: in float32 the variance of that feature
+    over its batch overflows to inf, while BatchNorm's output stays finite (0)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        if i == 5:
+            item['x'][2] = 1e30
+        return item
+
+
+class _InputNormNet(_Net):
+    def __init__(self):
+        super().__init__()
+        self.bn0 = robustbn.JSBN1d(6)
+
+    def forward(self, x, y, mode='loss'):
+        return super().forward(self.bn0(x), y, mode)
+
+
+def test_monitor_logs_nonfinite_batches(tmp_path):
+    runner = Runner(
+        model=_InputNormNet(), work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=_OverflowData(), batch_size=8,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
+        train_cfg=dict(by_epoch=False, max_iters=6),
+        custom_hooks=[dict(type='ShrinkageMonitorHook', interval=3, per_layer=True)],
+        default_hooks=dict(logger=dict(type='LoggerHook', interval=1)),
+        randomness=dict(seed=0))
+    runner.train()
+    model = runner.model
+    assert model.bn0.nonfinite_batches == 1 and model.bn1.nonfinite_batches == 0
+    assert torch.isfinite(model.bn0.running_var).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # training went on
+    scalars = next(tmp_path.glob('*/vis_data/scalars.json'))
+    recs = [json.loads(line) for line in scalars.read_text().splitlines()]
+    recs = [r for r in recs if 'nonfinite/batches' in r]
+    assert [(r['step'], r['nonfinite/batches'], r['nonfinite/bn0'], r['nonfinite/bn1'])
+            for r in recs] == [(3, 1.0, 1.0, 0.0), (6, 1.0, 1.0, 0.0)]
+    log = next(tmp_path.glob('*/*.log')).read_text()
+    assert log.count('non-finite batch statistics: 1 layer-batches so far, in bn0;') == 1

@@ -99,6 +99,7 @@ def fast_path_estimator(x: torch.Tensor, estimator, num_updates: int):
     return name
 
 
-def shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates, ref_stats, record):
+def shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates, ref_stats, record,
+                           nonfinite=None):
     from .ops import shrunk_batch_norm_fast as impl
-    return impl(x, weight, bias, name, eps, group, updates, ref_stats, record)
+    return impl(x, weight, bias, name, eps, group, updates, ref_stats, record, nonfinite)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..estimators import ESTIMATORS, shrinkage_factors
+from ..functional import update_running
 from . import INTERPRETING
 from . import kernels as K
 from . import vector_kernels as V
@@ -176,8 +177,9 @@ def forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], na
         partials, n_rows, c, stats, stats if weight is None else weight,
         stats if bias is None else bias, stats if ref_mu is None else ref_mu,
         stats if ref_var is None else ref_var, ups[0][0], ups[0][1], ups[1][0], ups[1][1],
-        ups[0][2], ups[1][2], float(eps), EST=code, HAS_W=weight is not None,
-        HAS_B=bias is not None, HAS_REF=ref_mu is not None, NUM_UPD=len(updates),
+        ups[0][2], ups[1][2], float(eps), ESTIMATORS[name].min_channels, EST=code,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_REF=ref_mu is not None,
+        NUM_UPD=len(updates),
         F64=sdt == torch.float64, TINY=torch.finfo(sdt).tiny, BLOCK_S=block_s,
         BLOCK_C=block_c, num_warps=warps)
 
@@ -210,7 +212,8 @@ def backward_impl(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], stats: 
     block_s, block_c, warps = _vector_launch(c, cfg.splits)
     V.vjp_kernel[(1,)](
         local, total, cfg.splits, c, stats, stats if weight is None else weight, coef,
-        stats if gw is None else gw, stats if gb is None else gb, float(eps), EST=code,
+        stats if gw is None else gw, stats if gb is None else gb, float(eps),
+        ESTIMATORS[name].min_channels, EST=code,
         HAS_W=weight is not None, HAS_REF=has_ref, SAME=not copy, WRITE_GW=need_gw,
         WRITE_GB=need_gb, NEED_GX=need_gx, F64=sdt == torch.float64,
         TINY=torch.finfo(sdt).tiny, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
@@ -328,7 +331,7 @@ def _synced_eager(x, weight, bias, name, eps, group, updates, ref_mu, ref_var):
 
 def shrunk_batch_norm_fast(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                            name: str, eps: float, group, updates, ref_stats,
-                           record: Optional[list]) -> Tensor:
+                           record: Optional[list], nonfinite: Optional[Tensor]) -> Tensor:
     """The fast path of ``functional.shrunk_batch_norm`` (same arguments)."""
     if layout(x) is None:
         x = x.contiguous()
@@ -342,10 +345,16 @@ def shrunk_batch_norm_fast(x: Tensor, weight: Optional[Tensor], bias: Optional[T
     else:
         y, stats = _forward_op(x, weight, bias, name, eps, ref_mu, ref_var)
         stats = stats.detach()
+        if updates:  # the eager path does these in-kernel, by the same rule
+            c = x.size(1)
+            update_running(updates, _slot(stats, 'mu', c), _slot(stats, 'var_unbiased', c),
+                           stats[K.NUM_SLOTS * c], nonfinite)
+            nonfinite = None  # counted
+    if nonfinite is not None and updates:
         c = x.size(1)
-        for mean_buf, var_buf, factor in updates:  # the eager path does these in-kernel
-            mean_buf.lerp_(_slot(stats, 'mu', c).to(mean_buf.dtype), factor)
-            var_buf.lerp_(_slot(stats, 'var_unbiased', c).to(var_buf.dtype), factor)
+        ok = torch.isfinite(_slot(stats, 'mu', c)) & torch.isfinite(
+            _slot(stats, 'var_unbiased', c))
+        nonfinite.add_((~ok).any())
     if record is not None:  # on request only: a few small kernels, no host sync
         record.append(shrinkage_factors(*(_slot(stats, k, x.size(1))
                                           for k in ('m', 'v', 'mu', 'var'))))

@@ -81,7 +81,7 @@ def _log_vjp(v, grad, tiny):
 @triton.jit
 def _paper_var_consts(n, cf):
     r = n / (n + 1.0)
-    return r, 4.0 * (cf - 1.0) * r / ((n - 1.0) * cf + 2.0)
+    return r, tl.maximum(4.0 * (cf - 1.0) * r / ((n - 1.0) * cf + 2.0), 0.0)
 
 
 @triton.jit
@@ -110,13 +110,31 @@ def _efron_morris_vjp(u, g, ok, nv, cf, k):
 
 @triton.jit
 def _shrink_constant(cf, EST: tl.constexpr):
-    """k of the estimator: (C-2)C/(C+1) for paper's means, C-2 for wacv, C-3 for classic."""
+    """k of the estimator: (C-2)C/(C+1) for paper's means, C-2 for wacv, C-3 for classic
+    (C: the finite channels; never negative)."""
     if EST == EST_WACV:
-        return cf - 2.0
+        return tl.maximum(cf - 2.0, 0.0)
     elif EST == EST_CLASSIC:
-        return cf - 3.0
+        return tl.maximum(cf - 3.0, 0.0)
     else:
-        return (cf - 2.0) * cf / (cf + 1.0)
+        return tl.maximum((cf - 2.0) * cf / (cf + 1.0), 0.0)
+
+
+@triton.jit
+def _finite(u):
+    return (u - u) == 0  # False for inf and NaN
+
+
+@triton.jit
+def _channel_set(m, v, ok, min_channels, dt):
+    """(fin, keep, cf): the channels with finite statistics, those that take the estimate
+    (enough finite channels), and the count of finite ones (>= 1), as
+    ``estimators.EstimatorSpec`` and ``_channel_set`` there."""
+    fin = ok & _finite(m) & _finite(v)
+    nfin = tl.sum(fin.to(dt), 0)
+    # (a C-vector comparison: Triton's interpreter cannot AND a scalar with a vector)
+    enough = (tl.zeros_like(m) + nfin) >= min_channels
+    return fin, fin & enough, tl.maximum(nfin, 1.0)
 
 
 @triton.jit
@@ -157,42 +175,47 @@ def _ema(BUF, c, ok, new, f):
 
 @triton.jit(do_not_specialize=['n_rows'])
 def estimate_kernel(P, n_rows, C, STATS, W, B, REF_MU, REF_VAR, U1M, U1V, U2M, U2V,
-                    f1: tl.float64, f2: tl.float64, eps: tl.float64, EST: tl.constexpr,
+                    f1: tl.float64, f2: tl.float64, eps: tl.float64, min_channels,
+                    EST: tl.constexpr,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_REF: tl.constexpr,
                     NUM_UPD: tl.constexpr, F64: tl.constexpr, TINY: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Forward on the C-vectors: (m, v, n) from the moments' partials P (n_rows rows, all
     ranks' after a gather), (mu, var) = estimator(m, v, n), the affine map of the output
     and the unbiased variance into STATS, and NUM_UPD (<= 2) EMA updates of running
-    buffers (U1M, U1V) with factor f1 and (U2M, U2V) with f2."""
+    buffers (U1M, U1V) with factor f1 and (U2M, U2V) with f2. Non-finite channels keep
+    their batch statistics, stay out of the cross-channel sums, and are not updated; an
+    empty global batch updates nothing."""
     dt = STATS.dtype.element_ty
     c = tl.arange(0, BLOCK_C)
     ok = c < C
-    cf = tl.cast(C, dt)
-    k = _shrink_constant(cf, EST)
     tiny = tl.full([BLOCK_C], TINY, dt)
     mean, m2, cnt = _merge_rows(P, n_rows, C, c, ok, 1, BLOCK_S, BLOCK_C)
     n = tl.max(cnt, 0)  # the same in every lane
     m = tl.where(ok, mean, 0.0)
     v = tl.where(ok, m2 / tl.maximum(cnt, 1.0), 0.0)
+    fin, keep, cf = _channel_set(m, v, ok, min_channels, dt)
+    k = _shrink_constant(cf, EST)
 
     mu = m
     var = v
     if EST == EST_PAPER or EST == EST_PAPER_MEAN:
-        a, _, _, _, _ = _shrink_factor(m, ok, cf, k)
+        a, _, _, _, _ = _shrink_factor(m, fin, cf, k)
         mu = a * m
     if EST == EST_PAPER:
         r, mult = _paper_var_consts(n, cf)
-        var = r * v + mult * tl.exp(_vsum(_log(v, tiny), ok) / cf)
+        var = r * v + mult * tl.exp(_vsum(_log(v, tiny), fin) / cf)
     if EST == EST_WACV:
-        a, _, _, _, _ = _shrink_factor(m, ok, cf, k)
+        a, _, _, _, _ = _shrink_factor(m, fin, cf, k)
         mu = a * m
-        b, _, _, _, _ = _shrink_factor(v, ok, cf, k)
+        b, _, _, _, _ = _shrink_factor(v, fin, cf, k)
         var = b * v
     if EST == EST_CLASSIC:
-        mu, _, _, _, _ = _efron_morris(m, ok, _vsum(v, ok) / cf / n, cf, k)
-        lv, _, _, _, _ = _efron_morris(_log(v, tiny), ok, 2.0 / (n - 1.0), cf, k)
+        mu, _, _, _, _ = _efron_morris(m, fin, _vsum(v, fin) / cf / n, cf, k)
+        lv, _, _, _, _ = _efron_morris(_log(v, tiny), fin, 2.0 / (n - 1.0), cf, k)
         var = tl.exp(lv)
+    mu = tl.where(keep, mu, m)
+    var = tl.where(keep, var, v)
 
     eps_ = tl.cast(eps, dt)
     if HAS_REF:
@@ -220,17 +243,18 @@ def estimate_kernel(P, n_rows, C, STATS, W, B, REF_MU, REF_VAR, U1M, U1V, U2M, U
     tl.store(STATS + SLOT_B * C + c, shift, mask=ok)
     tl.store(STATS + SLOT_VAR_UNBIASED * C + c, var_unbiased, mask=ok)
     tl.store(STATS + SLOT_COUNT * C + c * 0, cnt, mask=c == 0)
+    upd = ok & _finite(mu) & _finite(var_unbiased) & ((tl.zeros_like(mu) + n) > 0)
     if NUM_UPD >= 1:
-        _ema(U1M, c, ok, mu, tl.cast(f1, dt))
-        _ema(U1V, c, ok, var_unbiased, tl.cast(f1, dt))
+        _ema(U1M, c, upd, mu, tl.cast(f1, dt))
+        _ema(U1V, c, upd, var_unbiased, tl.cast(f1, dt))
     if NUM_UPD >= 2:
-        _ema(U2M, c, ok, mu, tl.cast(f2, dt))
-        _ema(U2V, c, ok, var_unbiased, tl.cast(f2, dt))
+        _ema(U2M, c, upd, mu, tl.cast(f2, dt))
+        _ema(U2V, c, upd, var_unbiased, tl.cast(f2, dt))
 
 
 @triton.jit(do_not_specialize=['n_rows'])
 def vjp_kernel(P_LOCAL, P_TOTAL, n_rows, C, STATS, W, COEF, GW, GB, eps: tl.float64,
-               EST: tl.constexpr, HAS_W: tl.constexpr,
+               min_channels, EST: tl.constexpr, HAS_W: tl.constexpr,
                HAS_REF: tl.constexpr, SAME: tl.constexpr, WRITE_GW: tl.constexpr,
                WRITE_GB: tl.constexpr, NEED_GX: tl.constexpr, F64: tl.constexpr,
                TINY: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -248,11 +272,11 @@ def vjp_kernel(P_LOCAL, P_TOTAL, n_rows, C, STATS, W, COEF, GW, GB, eps: tl.floa
     if NEED_GX:
         if not SAME:
             sg, sgx, _ = _merge_rows(P_TOTAL, n_rows, C, c, ok, 0, BLOCK_S, BLOCK_C)
-        cf = tl.cast(C, dt)
-        k = _shrink_constant(cf, EST)
         tiny = tl.full([BLOCK_C], TINY, dt)
         m = tl.load(STATS + SLOT_M * C + c, mask=ok, other=0.0)
         v = tl.load(STATS + SLOT_V * C + c, mask=ok, other=0.0)
+        fin, keep, cf = _channel_set(m, v, ok, min_channels, dt)
+        k = _shrink_constant(cf, EST)
         var = tl.load(STATS + SLOT_VAR * C + c, mask=ok, other=0.0)
         out_inv = tl.load(STATS + SLOT_INV * C + c, mask=ok, other=1.0)
         n = tl.max(tl.load(STATS + SLOT_COUNT * C + c * 0), 0)
@@ -266,23 +290,30 @@ def vjp_kernel(P_LOCAL, P_TOTAL, n_rows, C, STATS, W, COEF, GW, GB, eps: tl.floa
         w = out_inv
         if HAS_W:
             w = out_inv * tl.load(W + c, mask=ok, other=0.0).to(dt)
-        d_mu = -w * sg
-        d_var = -0.5 * w * inv * sgx
+        d_mu_all = -w * sg
+        d_var_all = -0.5 * w * inv * sgx
+        # Channels that keep their batch statistics pass their gradients through and do
+        # not enter the cross-channel sums.
+        d_mu = tl.where(keep, d_mu_all, 0.0)
+        d_var = tl.where(keep, d_var_all, 0.0)
         dm = d_mu
         dv = d_var
         if EST == EST_PAPER or EST == EST_PAPER_MEAN:
-            dm = _shrink_vjp(m, d_mu, ok, cf, k)
+            dm = _shrink_vjp(m, d_mu, fin, cf, k)
         if EST == EST_PAPER:
             r, mult = _paper_var_consts(n, cf)
-            geo = tl.exp(_vsum(_log(v, tiny), ok) / cf)
-            dv = r * d_var + _log_vjp(v, mult * _vsum(d_var, ok) * geo / cf, tiny)
+            geo = tl.exp(_vsum(_log(v, tiny), fin) / cf)
+            dv = r * d_var + _log_vjp(v, mult * _vsum(d_var, fin) * geo / cf, tiny)
         if EST == EST_WACV:
-            dm = _shrink_vjp(m, d_mu, ok, cf, k)
-            dv = _shrink_vjp(v, d_var, ok, cf, k)
+            dm = _shrink_vjp(m, d_mu, fin, cf, k)
+            dv = _shrink_vjp(v, d_var, fin, cf, k)
         if EST == EST_CLASSIC:
-            dm, d_tau2 = _efron_morris_vjp(m, d_mu, ok, _vsum(v, ok) / cf / n, cf, k)
-            d_lv, _ = _efron_morris_vjp(_log(v, tiny), d_var * var, ok, 2.0 / (n - 1.0), cf, k)
+            dm, d_tau2 = _efron_morris_vjp(m, d_mu, fin, _vsum(v, fin) / cf / n, cf, k)
+            d_lv, _ = _efron_morris_vjp(_log(v, tiny), d_var * var, fin, 2.0 / (n - 1.0),
+                                        cf, k)
             dv = d_tau2 / (cf * n) + _log_vjp(v, d_lv, tiny)
+        dm = tl.where(keep, dm, d_mu_all)
+        dv = tl.where(keep, dv, d_var_all)
         tl.store(COEF + c, w, mask=ok)
         tl.store(COEF + C + c, 2.0 * dv / n, mask=ok)
         tl.store(COEF + 2 * C + c, m, mask=ok)
