@@ -1,12 +1,15 @@
 # What the run tools (train.py, test.py, adv_test.py, tta_test.py) share: the launcher
-# arguments and LOCAL_RANK, loading a config with --cfg-options, the work-dir rule and
-# building a Runner (CPU/gloo launch included). One place for CLI-to-config logic.
+# arguments and LOCAL_RANK, loading a config with --cfg-options (its norm_cfg types checked), the
+# work-dir rule and building a Runner (CPU/gloo launch included). One place for CLI-to-config
+# logic.
+import difflib
 import os
 import os.path as osp
 
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
+from mmengine.registry import MODELS, RUNNERS
 from mmengine.runner import Runner
+from torch import nn
 
 from robustbn.openmmlab.launcher import setup_cpu_distributed
 
@@ -52,7 +55,72 @@ def load_config(config: str, args, work_dir: bool = True) -> Config:
             cfg.work_dir = args.work_dir
         elif cfg.get('work_dir', None) is None:
             cfg.work_dir = default_work_dir(config)
+    check_norm_types(cfg, config)
     return cfg
+
+
+# ------------------------------------------------------------------ norm_cfg types
+NORM_CLASSES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _norm_cfgs(node, path):
+    """(key path, type) of every ``*norm_cfg`` dict with a string type under ``node``."""
+    items = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for key, value in items:
+        sub = f'{path}.{key}' if isinstance(key, str) else f'{path}[{key}]'
+        if isinstance(key, str) and key.endswith('norm_cfg') and isinstance(value, dict) \
+                and isinstance(value.get('type'), str):
+            yield sub, value['type']
+        else:
+            yield from _norm_cfgs(value, sub)
+
+
+def _registered_norms(registry):
+    """{name: class} of the norm layers ``registry`` and its parents hold."""
+    names = {}
+    while registry is not None:
+        for name, cls in registry.module_dict.items():
+            if isinstance(cls, type) and issubclass(cls, NORM_CLASSES):
+                names.setdefault(name, cls)
+        registry = registry.parent
+    return names
+
+
+def check_norm_types(cfg: Config, config: str = 'the config') -> None:
+    """Every ``norm_cfg`` type in ``cfg.model`` must be registered: mmcv's
+    ``build_norm_layer`` would stop with ``KeyError: 'Cannot find None in registry'``,
+    which names neither the type nor the key. Raises a ValueError that names both, the
+    closest registered names and robustbn's norm layers."""
+    found = list(_norm_cfgs(cfg.get('model') or {}, 'model'))
+    if not found:
+        return
+    with MODELS.switch_scope_and_registry(cfg.get('default_scope')) as registry:
+        unknown = []
+        for path, name in found:
+            try:
+                known = registry.get(name) is not None
+            except RuntimeError:  # a dotted name that does not resolve
+                known = False
+            if not known:
+                unknown.append((path, name))
+        if not unknown:
+            return
+        norms = _registered_norms(registry)
+    ours = [n for n, c in norms.items() if c.__module__.split('.')[0] == 'robustbn']
+    others = sorted(n for n in norms if n not in ours)
+    by_lower = {n.lower(): n for n in norms}
+    lines = []
+    for path, name in unknown:
+        close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, 3)]
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ''
+        lines.append(f'  {path}.type = {name!r}{hint}')
+    raise ValueError(
+        f'{config}: unknown norm layer type in norm_cfg:\n' + '\n'.join(lines) +
+        f"\nrobustbn's norm layers: {', '.join(ours) or 'none registered'}"
+        f"\nother registered norm layers: {', '.join(others)}"
+        '\n(names are case-sensitive; layers of other packages need their import, e.g. '
+        "custom_imports=dict(imports=['robustbn']) in a config run without these tools)")
 
 
 def build_runner(cfg: Config):

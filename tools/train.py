@@ -9,6 +9,7 @@ from mmengine.logging import print_log
 from run_common import add_launch_args, build_runner, load_config, parse
 
 from robustbn.openmmlab.launcher import setup_deepspeed
+from robustbn.openmmlab.resume import resolve_resume
 
 
 def parse_args():
@@ -19,7 +20,8 @@ def parse_args():
         '--resume',
         action='store_true',
         default=False,
-        help='resume from the latest checkpoint in the work_dir automatically')
+        help='resume from the latest checkpoint in the work_dir automatically (when the '
+        'one last_checkpoint names is missing or truncated: the newest complete one)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -62,6 +64,9 @@ def main():
         enable_amp(cfg)
 
     cfg.resume = args.resume
+    # A save interrupted under max_keep_ckpts leaves last_checkpoint naming a deleted or
+    # truncated file: resume from the newest complete checkpoint instead (with a warning).
+    resolve_resume(cfg)
 
     # DeepSpeed: a process group of one without a launcher; a plain .pth in load_from.
     setup_deepspeed(cfg)
