@@ -225,3 +225,32 @@ def train_two_nodes(cfg, work) -> list:
     for p in procs:
         finish(p)
     return rank_states(work, 2)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+CLIP = 0.05  # small enough to be active in every iteration of the toy runs
+
+DS_TOY = TOY_CFG.replace(
+    "optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.05, momentum=0.9))",
+    "optim_wrapper = dict(type='DeepSpeedOptimWrapper',\n"
+    "                     optimizer=dict(type='SGD', lr=0.05, momentum=0.9))") + f"""
+runner_type = 'FlexibleRunner'
+strategy = dict(type='DeepSpeedStrategy', zero_optimization=dict(stage=2),
+                gradient_clipping={CLIP}, config=dict(zero_allow_untested_optimizer=True))
+"""
+DS_TOY = DS_TOY.replace(
+    "checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2))",
+    "checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2),\n"
+    "                     buffer_check=dict(type='BufferConsistencyHook', interval=1))")
+assert 'DeepSpeedOptimWrapper' in DS_TOY and 'BufferConsistencyHook' in DS_TOY
+
+
+def write_cfg(directory: Path, text: str, name: str = 'toy_ds.py') -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def dist_train(cfg, work, nproc=2, *args, **env):
+    return run(['bash', 'tools/dist_train.sh', cfg, nproc, '--work-dir', work, *args],
+               tool_env(PORT=free_port(), **env))

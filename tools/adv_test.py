@@ -51,10 +51,20 @@ def parse_args():
     for opt in ('ckpt_configs', 'labels'):
         if getattr(args, opt) is not None and len(getattr(args, opt)) != n:
             parser.error(f'--{opt.replace("_", "-")} needs one value per checkpoint ({n})')
-    if any(e < 0 for e in args.eps) or any(s < 0 for s in args.sigmas):
-        parser.error('--eps and --sigmas must be >= 0')
+    for opt in ('eps', 'sigmas', 'pgd_alpha'):
+        values = getattr(args, opt)
+        values = [] if values is None else values if isinstance(values, list) else [values]
+        bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            parser.error(f'--{opt.replace("_", "-")} must be finite numbers >= 0 (pixel '
+                         f'units, 0-255), got {bad[0]}')
     if args.pgd_steps < 1:
         parser.error('--pgd-steps must be >= 1')
+    try:  # the attack configs of the sweep, as AdversarialEvalHook checks its own
+        from robustbn.openmmlab.adversarial.attacks import check_attacks
+        check_attacks(sweep_attacks(args)[0])
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

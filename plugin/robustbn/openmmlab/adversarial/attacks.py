@@ -3,13 +3,17 @@
 Attack configs name torchattacks classes (``dict(type='PGD', eps=8, alpha=2, steps=10)``)
 or robustbn's noise (``CauchyNoise``, ``GaussianNoise``); ``eps``, ``alpha``, ``std`` and
 ``sigma`` are in pixel units of the raw image (0-255) and divided by 255 for torchattacks,
-whose images are in [0, 1]. Other arguments pass through unchanged.
+whose images are in [0, 1]. Other arguments pass through unchanged. ``check_attacks``
+validates configs before anything is built or trained: argument names against the
+class's ``__init__``, sizes finite and >= 0, ``steps`` an integer >= 1.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -93,20 +97,82 @@ def attack_name(cfg: dict) -> str:
     return name
 
 
+HOOK_KEYS = ('type', 'name')  # read by the hook, not passed to the attack class
+SIZE_KEYS = PIXEL_KEYS  # must be finite and >= 0
+STEP_KEYS = ('steps', )  # must be integers >= 1
+
+
+def attack_args(cls: type) -> Tuple[List[str], List[str], bool]:
+    """The keyword arguments a config may give ``cls`` (its ``__init__`` less ``self`` and
+    the model, which ``build_attack`` passes first): (accepted, required, takes **kwargs)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # less self
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if params and params[0].kind in positional:
+        params = params[1:]  # the model
+    named = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                             inspect.Parameter.KEYWORD_ONLY)]
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return ([p.name for p in named], [p.name for p in named if p.default is p.empty], var_kw)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_attack(index: int, cfg) -> None:
+    """Raise a ValueError naming the attack (index, type) and argument for what would fail
+    or give meaningless numbers when the attack is built or run."""
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise ValueError(f'attacks[{index}]: each attack must be a dict with a type, '
+                         f'got {cfg!r}')
+    try:
+        cls = attack_class(cfg['type'])
+    except ValueError as e:
+        raise ValueError(f'attacks[{index}]: {e}') from None
+    where = f'attacks[{index}] ({cls.__name__})'
+    accepted, required, var_kw = attack_args(cls)
+    args = [k for k in cfg if k not in HOOK_KEYS]
+    unknown = [k for k in args if k not in accepted]
+    if unknown and not var_kw:
+        hint = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
+        raise ValueError(
+            f'{where}: unknown argument {unknown[0]!r}'
+            + (f' (did you mean {hint[0]!r}?)' if hint else '')
+            + f'; {cls.__name__} takes {", ".join(accepted) or "no arguments"}'
+            + f' (besides {", ".join(HOOK_KEYS)})')
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f'{where}: missing required argument {missing[0]!r}')
+    name = cfg.get('name')
+    if name is not None and not (isinstance(name, str) and name and '/' not in name):
+        raise ValueError(f"{where}: name must be a non-empty string without '/' (it is "
+                         f'the metric prefix adv/<name>/), got {name!r}')
+    for key in SIZE_KEYS:
+        v = cfg.get(key)
+        if v is not None and not (_is_real(v) and math.isfinite(v) and v >= 0):
+            raise ValueError(f'{where}: {key} must be a number >= 0 and finite (pixel '
+                             f'units, 0-255), got {v!r}')
+    for key in STEP_KEYS:
+        v = cfg.get(key)
+        if key in cfg and not (isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                               and v >= 1):
+            raise ValueError(f'{where}: {key} must be an integer >= 1, got {v!r}')
+
+
 def check_attacks(cfgs: Sequence[dict]) -> List[str]:
-    """Validate attack configs without building them; returns their names."""
+    """Validate attack configs without building them; returns their names.
+
+    Each config's type must be a torchattacks class or CauchyNoise/GaussianNoise; its other
+    keys (besides ``type`` and ``name``) arguments of that class's ``__init__``; ``eps``,
+    ``alpha``, ``std`` and ``sigma`` finite numbers >= 0; ``steps`` an integer >= 1; and
+    the names unique. Errors are ValueErrors naming the attack (``attacks[i] (TYPE)``) and
+    the argument."""
     if isinstance(cfgs, dict) or not cfgs:
         raise ValueError('attacks must be a non-empty list of dicts, e.g. '
                          "[dict(type='FGSM', eps=8)]")
     names = []
-    for cfg in cfgs:
-        if not isinstance(cfg, dict) or 'type' not in cfg:
-            raise ValueError(f'each attack must be a dict with a type, got {cfg!r}')
-        for key in PIXEL_KEYS:
-            v = cfg.get(key)
-            if v is not None and (not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f'{cfg["type"]}: {key} must be a number >= 0 (pixel units, '
-                                 f'0-255), got {v!r}')
+    for index, cfg in enumerate(cfgs):
+        _check_attack(index, cfg)
         names.append(attack_name(cfg))
     dup = {n for n in names if names.count(n) > 1}
     if dup:

@@ -34,7 +34,10 @@ class AdversarialEvalHook(Hook):
             ``GaussianNoise``, e.g. ``[dict(type='FGSM', eps=8), dict(type='PGD', eps=8,
             alpha=2, steps=10, random_start=True)]``; ``eps``, ``alpha``, ``std`` and
             ``sigma`` in pixel units of the raw 0-255 image; ``name`` sets the metric
-            prefix (default e.g. ``PGD-10_eps8``).
+            prefix (default e.g. ``PGD-10_eps8``). Checked when the hook is built, before
+            any training (``check_attacks``): an argument the attack class does not take,
+            a negative or non-finite eps/alpha/std/sigma or steps that is not an integer
+            >= 1 raises a ValueError naming the attack and the argument.
         interval: attack after every ``interval``-th validation run.
         max_samples: attack the first ``max_samples`` samples only (None: all).
         seed: seeds the attacks' random draws, per sample (see
