@@ -19,7 +19,7 @@ rm -rf build  # a stale build/lib would install removed modules too
 import importlib.util
 import robustbn
 present = [m for m in ('mmengine', 'mmcv', 'mmseg', 'torchattacks', 'albumentations',
-                       'deepspeed') if importlib.util.find_spec(m)]
+                       'deepspeed', 'mmpretrain') if importlib.util.find_spec(m)]
 assert not present, f'torch-only environment has {present}'
 print('core env ok: robustbn', robustbn.__version__, 'from', robustbn.__file__)
 PY

@@ -28,4 +28,5 @@ if ! "$VENV/bin/python" -c 'import mmcv._ext' 2>/dev/null; then
 fi
 
 "${PIP[@]}" --no-build-isolation -e .
-"$VENV/bin/python" -c 'import mmcv._ext, mmseg.models, robustbn, torch, deepspeed; print("env ok: torch", torch.__version__)'
+"$VENV/bin/python" -c 'import mmcv._ext, mmseg.models, mmpretrain.models, robustbn, torch, deepspeed
+print("env ok: torch", torch.__version__)'

@@ -279,8 +279,11 @@ def attack_labels(model: nn.Module, samples, device) -> Tensor:
         labels[labels == ignore] = TORCH_IGNORE
         return labels.to(device)
     if all('gt_label' in s for s in samples):
-        return torch.stack([torch.as_tensor(s.gt_label).reshape(()) for s in samples]
-                           ).long().to(device)
+        labels = [torch.as_tensor(s.gt_label).reshape(-1) for s in samples]
+        if any(x.numel() != 1 for x in labels):
+            raise ValueError('adversarial evaluation needs one class label per image '
+                             '(gt_label); multi-label samples are not supported')
+        return torch.cat(labels).long().to(device)
     raise ValueError('adversarial evaluation needs labels: gt_label (classification) or '
                      'gt_sem_seg (segmentation) in every data sample')
 
