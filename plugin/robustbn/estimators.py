@@ -53,11 +53,18 @@ def _channel_set(u: Tensor, mask: Optional[Tensor]):
     deviations from it (zero outside the set). Cross-channel sums over u0 and d take the
     set's channels only, so a non-finite channel outside it cannot reach the others."""
     if mask is None:
-        mask = torch.ones_like(u, dtype=torch.bool)
-    u0 = torch.where(mask, u, torch.zeros_like(u))
-    c = mask.sum().to(u.dtype).clamp_min(1)
+        c = torch.tensor(float(u.numel()), dtype=u.dtype, device=u.device)
+        ubar = u.sum() / c
+        return u, c, ubar, u - ubar
+    u0 = torch.where(mask, u, 0.0)
+    c = _count(mask, u.dtype)
     ubar = u0.sum() / c
-    return u0, c, ubar, torch.where(mask, u0 - ubar, torch.zeros_like(u))
+    return u0, c, ubar, torch.where(mask, u0 - ubar, 0.0)
+
+
+def _count(mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """How many channels ``mask`` holds (>= 1), a 0-dim tensor of ``dtype``."""
+    return mask.sum().to(dtype).clamp_min(1)
 
 
 def geometric_mean(v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -91,7 +98,8 @@ def paper_var(v: Tensor, n, mask: Optional[Tensor] = None) -> Tensor:
 
     v_JS = N/(N+1) v + M G,  M = 4(C-1) N/(N+1) / ((N-1) C + 2),  G = exp(mean(log v)).
     """
-    r, mult = _paper_var_mult(n, _channel_set(v, mask)[1])
+    c = _count(mask, v.dtype) if mask is not None else _channel_set(v, None)[1]
+    r, mult = _paper_var_mult(n, c)
     return r * v + mult * geometric_mean(v, mask)
 
 
@@ -166,7 +174,7 @@ def _log_vjp(v: Tensor, grad_log: Tensor) -> Tensor:
 
 
 def _in(g: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return g if mask is None else torch.where(mask, g, torch.zeros_like(g))
+    return g if mask is None else torch.where(mask, g, 0.0)
 
 
 def shrink_to_zero_vjp(u: Tensor, g: Tensor, k_of_c, mask: Tensor) -> Tensor:
@@ -188,7 +196,7 @@ def shrink_to_zero_vjp(u: Tensor, g: Tensor, k_of_c, mask: Tensor) -> Tensor:
 
 def paper_var_vjp(v: Tensor, n, h: Tensor, mask: Tensor) -> Tensor:
     """VJP of ``paper_var``: r h + M sum(h) G / (C v) (the geometric mean's gradient)."""
-    c = _channel_set(v, mask)[1]
+    c = _count(mask, v.dtype) if mask is not None else _channel_set(v, None)[1]
     r, mult = _paper_var_mult(n, c)
     return r * h + _log_vjp(v, mult * _in(h, mask).sum() * geometric_mean(v, mask) / c)
 
@@ -240,7 +248,7 @@ def wacv_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor)
 
 def classic_vjp(m: Tensor, v: Tensor, n, d_mu: Tensor, d_var: Tensor, mask: Tensor):
     """The means depend on v through tau2 = mean(v)/N; the variances go through log."""
-    c = _channel_set(v, mask)[1]
+    c = _count(mask, v.dtype) if mask is not None else _channel_set(v, None)[1]
     dm, d_tau2 = efron_morris_vjp(m, _masked_mean(v, mask) / n, d_mu, mask)
     lv = _log(v)
     var = torch.exp(efron_morris(lv, 2 / (n - 1), mask))
@@ -286,7 +294,7 @@ class EstimatorSpec:
         return mask & (mask.sum() >= self.min_channels)
 
     def __call__(self, m: Tensor, v: Tensor, n, mask: Optional[Tensor] = None):
-        if not self.shrinks(m.numel()):
+        if self.fn is none or not self.shrinks(m.numel()):
             return m, v
         mask = finite_channels(m, v) if mask is None else mask
         mu, var = self.fn(m, v, n, mask) if self.masked else self.fn(m, v, n)
@@ -298,11 +306,11 @@ class EstimatorSpec:
         """(dL/dm, dL/dv) from (dL/dmean_used, dL/dvar_used): the closed form if declared,
         else autograd through ``fn``; identity in the channels that keep their batch
         statistics, whose output gradients do not reach the others (with ``masked``)."""
-        if not self.shrinks(m.numel()):
+        if self.fn is none or not self.shrinks(m.numel()):
             return d_mu, d_var
         mask = finite_channels(m, v) if mask is None else mask
         keep = self._keep(mask)
-        d_mu0, d_var0 = torch.where(keep, d_mu, 0), torch.where(keep, d_var, 0)
+        d_mu0, d_var0 = torch.where(keep, d_mu, 0.0), torch.where(keep, d_var, 0.0)
         args = (mask,) if self.masked else ()
         if self.vjp is not None:
             dm, dv = self.vjp(m, v, n, d_mu0, d_var0, *args)
