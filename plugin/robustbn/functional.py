@@ -213,13 +213,13 @@ def update_running(updates, mu: Tensor, var_unbiased: Tensor, n,
     ``updates``, in place, per channel only where both statistics are finite (elsewhere the
     old value stays and ``nonfinite`` counts the batch), and not at all when the (global)
     batch was empty (``n`` == 0)."""
+    if not isinstance(n, Tensor) and n == 0:
+        return
     ok = torch.isfinite(mu) & torch.isfinite(var_unbiased)
     if nonfinite is not None:
         nonfinite.add_((~ok).any())
     if isinstance(n, Tensor):  # a global count: no host sync
         ok = ok & (n > 0)
-    elif n == 0:
-        return
     for mean_buf, var_buf, factor in updates:
         # lerp(old, old, f) is exactly old
         mean_buf.lerp_(torch.where(ok, mu.to(mean_buf.dtype), mean_buf), factor)
