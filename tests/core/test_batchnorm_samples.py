@@ -13,7 +13,14 @@ from torch import nn
 
 import robustbn
 
+_frozen = torch.backends.flags_frozen()
 common_modules = pytest.importorskip('torch.testing._internal.common_modules')
+if not _frozen:
+    # Importing torch's internal test utilities freezes the cuDNN flags for the whole
+    # process (common_utils calls torch.backends.disable_global_flags()); runners of other
+    # test modules in this pytest process set them (mmengine's env setup): undo it.
+    torch.backends.flags_frozen.__globals__['__allow_nonbracketed_mutation_flag'] = True
+    assert not torch.backends.flags_frozen()
 
 # The kernels take the EMA factor as a float argument, which Triton's interpreter rounds to
 # float32 (fast_path_cases.py's F64 buffer tolerance); the reference path is exact.
