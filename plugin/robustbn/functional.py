@@ -215,15 +215,22 @@ def update_running(updates, mu: Tensor, var_unbiased: Tensor, n,
     batch was empty (``n`` == 0)."""
     if not isinstance(n, Tensor) and n == 0:
         return
-    ok = torch.isfinite(mu) & torch.isfinite(var_unbiased)
-    if nonfinite is not None:
-        nonfinite.add_((~ok).any())
+    ok = count_nonfinite(nonfinite, mu, var_unbiased)
     if isinstance(n, Tensor):  # a global count: no host sync
         ok = ok & (n > 0)
     for mean_buf, var_buf, factor in updates:
         # lerp(old, old, f) is exactly old
         mean_buf.lerp_(torch.where(ok, mu.to(mean_buf.dtype), mean_buf), factor)
         var_buf.lerp_(torch.where(ok, var_unbiased.to(var_buf.dtype), var_buf), factor)
+
+
+def count_nonfinite(nonfinite: Optional[Tensor], mu: Tensor, var_unbiased: Tensor) -> Tensor:
+    """The channels whose statistics are finite; counts the batch in ``nonfinite`` (if
+    given) when one is not."""
+    ok = torch.isfinite(mu) & torch.isfinite(var_unbiased)
+    if nonfinite is not None:
+        nonfinite.add_((~ok).any())
+    return ok
 
 
 def as_estimator(estimator) -> EstimatorSpec:

@@ -77,7 +77,7 @@ class GpreBatchNorm(ShrunkBatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         # 'sample' = plain batch statistics; a JS-BN estimator name shrinks them.
         self._estimator = get_estimator('none' if batch_estimator == 'sample'
-                                           else batch_estimator)
+                                        else batch_estimator)
         self.batch_estimator = batch_estimator
         self.theta = theta
         self.target_momentum = target_momentum

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..estimators import ESTIMATORS, shrinkage_factors
-from ..functional import update_running
+from ..functional import count_nonfinite, update_running
 from . import INTERPRETING
 from . import kernels as K
 from . import vector_kernels as V
@@ -337,6 +337,7 @@ def shrunk_batch_norm_fast(x: Tensor, weight: Optional[Tensor], bias: Optional[T
         x = x.contiguous()
     ref_mu, ref_var = (None, None) if ref_stats is None else ref_stats
     updates = tuple(updates)
+    in_kernel = True  # whether the kernels updated the running buffers
     if not torch.compiler.is_compiling():
         y, stats = FastShrunkBatchNormFunction.apply(x, weight, bias, name, eps, group,
                                                      updates, ref_mu, ref_var)
@@ -345,16 +346,14 @@ def shrunk_batch_norm_fast(x: Tensor, weight: Optional[Tensor], bias: Optional[T
     else:
         y, stats = _forward_op(x, weight, bias, name, eps, ref_mu, ref_var)
         stats = stats.detach()
-        if updates:  # the eager path does these in-kernel, by the same rule
-            c = x.size(1)
-            update_running(updates, _slot(stats, 'mu', c), _slot(stats, 'var_unbiased', c),
-                           stats[K.NUM_SLOTS * c], nonfinite)
-            nonfinite = None  # counted
-    if nonfinite is not None and updates:
+        in_kernel = False  # the custom op mutates nothing: the same rule, here
+    if updates:
         c = x.size(1)
-        ok = torch.isfinite(_slot(stats, 'mu', c)) & torch.isfinite(
-            _slot(stats, 'var_unbiased', c))
-        nonfinite.add_((~ok).any())
+        mu, var_unbiased = _slot(stats, 'mu', c), _slot(stats, 'var_unbiased', c)
+        if not in_kernel:
+            update_running(updates, mu, var_unbiased, stats[K.NUM_SLOTS * c], nonfinite)
+        else:
+            count_nonfinite(nonfinite, mu, var_unbiased)
     if record is not None:  # on request only: a few small kernels, no host sync
         record.append(shrinkage_factors(*(_slot(stats, k, x.size(1))
                                           for k in ('m', 'v', 'mu', 'var'))))
