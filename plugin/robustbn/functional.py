@@ -82,6 +82,16 @@ def _gather_moments(n_local: int, mean: Tensor, m2: Tensor, group):
     return merge_moments(out[:, 0], out[:, 1:c + 1], out[:, c + 1:])
 
 
+def batch_moments(x: Tensor, group=None):
+    """(count, mean, biased variance) per channel of x, or of the concatenation of all
+    ranks' x with a process ``group`` (one collective); statistics dtype. The count is a
+    float without a group, a 0-dim tensor (no host sync) with one."""
+    n_local, mean, m2 = local_moments(x)
+    if group is None:
+        return float(n_local), mean, m2 / max(n_local, 1)
+    return _gather_moments(n_local, mean, m2, group)
+
+
 def _no_autocast(x: Tensor):
     """Autocast off: statistics are float32/float64 by construction, the output x's dtype."""
     dev = x.device.type
@@ -141,12 +151,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, weight, bias, estimator, eps, group, updates, ref_stats, record,
                  nonfinite) -> Tensor:
-        n_local, mean_l, m2_l = local_moments(x)
-        if group is None:
-            n = float(n_local)
-            m, v = mean_l, m2_l / max(n_local, 1)
-        else:
-            n, m, v = _gather_moments(n_local, mean_l, m2_l, group)
+        n, m, v = batch_moments(x, group)
         with torch.no_grad():
             mu, var = estimator(m, v, n, finite_channels(m, v))
             if record is not None:  # on request only: a few small kernels, no host sync
