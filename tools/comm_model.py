@@ -67,9 +67,8 @@ import socket
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -95,8 +94,7 @@ LATENCY_US = dict(
 )
 
 
-@dataclass(frozen=True)
-class Interconnect:
+class Interconnect(NamedTuple):
     name: str
     label: str
     intra_gbs: float            # GB/s per GPU and direction inside a node (NVLink 4)
@@ -516,7 +514,7 @@ def run(args, command: str) -> dict:
     res = dict(config=args.config, command=command, dtype=args.dtype,
                fast_path=args.fast_path, gpus_per_node=args.gpus_per_node,
                layers=summary, layer_list=layers, latency_us=LATENCY_US,
-               interconnects=[asdict(ic) for ic in INTERCONNECTS],
+               interconnects=[ic._asdict() for ic in INTERCONNECTS],
                model=model_table(widths, worlds, args.gpus_per_node, dtype, args.fast_path))
     res['bytes'] = {w: {sc: step_bytes(widths, sc, w, dtype, args.fast_path) for sc in SCHEMES}
                     for w in sorted(set(worlds) | set(args.measure))}
