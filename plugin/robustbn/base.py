@@ -17,6 +17,10 @@ ARGS_HEAD = r"""
 """
 PROCESS_GROUP_ARG = """\
         process_group: the group to synchronize over; None: the default (world) group.
+        sync_mode: how the forward merges the ranks' statistics: ``'reduce'`` (one
+            ``all_reduce`` of 2C + 1 float64 sums, the same size at any world size) or
+            ``'gather'`` (one ``all_gather`` of every rank's 2C + 1 moments; each rank
+            receives W times that). Equal results up to rounding. Default: ``'reduce'``
 """
 SHAPE_DOC = r"""{extra}
     Shape:
@@ -32,13 +36,14 @@ class ShrunkBatchNorm(_BatchNorm):
     load unchanged and mmengine/mmcv treat the layers as BN (weight decay multipliers,
     ``norm_eval``, ``is_norm``). Subclasses set ``input_dims`` (the accepted ``x.dim()``
     values, None for any >= 2) and, for the synchronized layers, ``synchronized = True``
-    with a ``process_group`` attribute.
+    with ``process_group`` and ``sync_mode`` attributes.
     """
 
     _abbr_ = 'bn'  # mmcv's build_norm_layer names layers bn1, bn2, ... (checkpoint keys)
     input_dims: Optional[Tuple[int, ...]] = None
     synchronized = False
     process_group = None
+    sync_mode = 'reduce'
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,

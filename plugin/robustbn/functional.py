@@ -1,9 +1,10 @@
 """One autograd Function for batch norm with shrunk statistics, local or synchronized.
 
-Forward: per-channel count, mean and sum of squared deviations (M2) of the local batch;
-with a process group, one ``all_gather`` of those and an exact pairwise merge (Chan et
-al.), never E[x^2] - E[x]^2, which cancels catastrophically in float32 for inputs with a
-large mean. The estimator maps the global (mean, var, count) to the statistics used.
+Forward: per-channel count, mean and sum of squared deviations (M2) of the local batch
+(centred moments: E[x^2] - E[x]^2 cancels catastrophically in float32 for inputs with a
+large mean); with a process group, one collective merges them across ranks exactly
+(:mod:`robustbn.comm`: by default an ``all_reduce`` of float64 sums whose size does not
+depend on the world size). The estimator maps the global (mean, var, count) to the statistics used.
 
 Backward (closed form, no autograd graph over the full tensor): with xhat the normalized
 input and g the output gradient, the loss depends on the used statistics only through the
@@ -29,11 +30,10 @@ import contextlib
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import fast
+from . import comm, fast
 from .estimators import Estimator, EstimatorSpec, finite_channels, shrinkage_factors
 
 
@@ -71,25 +71,21 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor):
     return n, mean, m2 / n.clamp_min(1)
 
 
-def _gather_moments(n_local: int, mean: Tensor, m2: Tensor, group):
-    """One collective: all ranks' (count, mean, M2) packed in one tensor."""
-    c = mean.numel()
-    packed = torch.cat([mean.new_full((1,), float(n_local)), mean, m2])
-    world = dist.get_world_size(group)
-    out = packed.new_empty(world * (2 * c + 1))
-    dist.all_gather_into_tensor(out, packed, group=group)
-    out = out.view(world, 2 * c + 1)
-    return merge_moments(out[:, 0], out[:, 1:c + 1], out[:, c + 1:])
-
-
-def batch_moments(x: Tensor, group=None):
+def batch_moments(x: Tensor, group=None, sync_mode: str = 'reduce'):
     """(count, mean, biased variance) per channel of x, or of the concatenation of all
-    ranks' x with a process ``group`` (one collective); statistics dtype. The count is a
-    float without a group, a 0-dim tensor (no host sync) with one."""
+    ranks' x with a process ``group`` (one collective, see :mod:`robustbn.comm`);
+    statistics dtype. The count is a float without a group, a 0-dim tensor (no host sync)
+    with one."""
     n_local, mean, m2 = local_moments(x)
     if group is None:
         return float(n_local), mean, m2 / max(n_local, 1)
-    return _gather_moments(n_local, mean, m2, group)
+    c = mean.numel()
+    row = torch.cat([mean.new_full((1,), float(n_local)), mean, m2])
+    rows = comm.sync_moment_rows(row[None], group, sync_mode)
+    if rows.size(0) > 1:
+        return merge_moments(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
+    n = rows[0, 0]
+    return n, rows[0, 1:c + 1], rows[0, c + 1:] / n.clamp_min(1)
 
 
 def _no_autocast(x: Tensor):
@@ -143,15 +139,17 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 estimator: EstimatorSpec, eps: float, group, updates, ref_stats,
-                record: Optional[list], nonfinite: Optional[Tensor]) -> Tensor:
+                record: Optional[list], nonfinite: Optional[Tensor],
+                sync_mode: str = 'reduce') -> Tensor:
         with _no_autocast(x):
             return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, estimator, eps, group,
-                                                    updates, ref_stats, record, nonfinite)
+                                                    updates, ref_stats, record, nonfinite,
+                                                    sync_mode)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, estimator, eps, group, updates, ref_stats, record,
-                 nonfinite) -> Tensor:
-        n, m, v = batch_moments(x, group)
+                 nonfinite, sync_mode) -> Tensor:
+        n, m, v = batch_moments(x, group, sync_mode)
         with torch.no_grad():
             mu, var = estimator(m, v, n, finite_channels(m, v))
             if record is not None:  # on request only: a few small kernels, no host sync
@@ -198,7 +196,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                 sum_gx = (sum_gx / out_invstd + (out_mu - mu) * sum_g) * invstd
             if group is not None:
                 sums = torch.cat([sum_g, sum_gx])
-                dist.all_reduce(sums, group=group)
+                comm.all_reduce(sums, group)
                 sum_g, sum_gx = sums.chunk(2)
             # weight * out_invstd: the batch-BN gradient with effective weight w sigma_c/sigma
             w = out_invstd if weight is None else out_invstd * weight.to(out_invstd.dtype)
@@ -209,7 +207,7 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             grad_x = (x - _bcast(m, x)).mul_(_bcast(2 * dv / n, x))
             grad_x.addcmul_(grad_out, _bcast(w, x)).add_(_bcast(dm / n, x))
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def update_running(updates, mu: Tensor, var_unbiased: Tensor, n,
@@ -252,15 +250,17 @@ def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       estimator: Estimator, eps: float = 1e-5, avg_factor: float = 0.0,
                       group=None, record: Optional[list] = None, ref_stats=None,
-                      extra_updates=(), nonfinite: Optional[Tensor] = None) -> Tensor:
+                      extra_updates=(), nonfinite: Optional[Tensor] = None,
+                      sync_mode: str = 'reduce') -> Tensor:
     """Functional form of :class:`ShrunkBatchNormFunction` (always batch statistics).
 
     ``running_mean``/``running_var`` (or None) get an EMA update with ``avg_factor``;
     ``extra_updates`` more (mean, var, factor) triples; ``ref_stats`` makes it GpreBN;
     ``nonfinite`` (a 0-dim integer tensor) counts the batches whose statistics were not
-    finite in some channel. ``estimator``: a registered one (``get_estimator``) or any
-    callable ``fn(mean, var, count)``. Built-in estimators on CUDA take the fast path
-    (``robustbn.fast``).
+    finite in some channel; ``sync_mode`` how the forward synchronizes the statistics with
+    a ``group`` (``'reduce'`` or ``'gather'``, see :mod:`robustbn.comm`). ``estimator``: a
+    registered one (``get_estimator``) or any callable ``fn(mean, var, count)``. Built-in
+    estimators on CUDA take the fast path (``robustbn.fast``).
     """
     updates = tuple(extra_updates)
     if running_mean is not None and avg_factor > 0:
@@ -272,6 +272,6 @@ def shrunk_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     name = None if local_empty else fast.fast_path_estimator(x, estimator, len(updates))
     if name is not None:  # a built-in estimator the kernels implement
         return fast.shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates,
-                                           ref_stats, record, nonfinite)
+                                           ref_stats, record, nonfinite, sync_mode)
     return ShrunkBatchNormFunction.apply(x, weight, bias, estimator, eps, group, updates,
-                                         ref_stats, record, nonfinite)
+                                         ref_stats, record, nonfinite, sync_mode)

@@ -18,6 +18,7 @@ from .base import (
     check_batch_stats_input,
     ema_factor,
 )
+from .comm import check_sync_mode
 from .estimators import get_estimator
 from .functional import normalize, shrunk_batch_norm
 
@@ -80,7 +81,7 @@ class JSBatchNorm(ShrunkBatchNorm):
         record = [] if self.record_factors else None
         y = shrunk_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                               self._estimator, self.eps, avg_factor, group, record,
-                              nonfinite=self.nonfinite_batches)
+                              nonfinite=self.nonfinite_batches, sync_mode=self.sync_mode)
         if record:
             self.last_factors = record[0]
         return y
@@ -114,8 +115,9 @@ class SyncJSBN(JSBatchNorm):
     __doc__ = """James-Stein batch norm with statistics over all ranks of ``process_group``.
 
     Exactly JS-BN on the concatenation of all ranks' batches (uneven and empty per-rank
-    batches included): one ``all_gather`` of per-rank (count, mean, M2) forward, one
-    ``all_reduce`` of two per-channel sums backward. Without an initialized process group,
+    batches included): one collective of per-channel statistics forward (by default an
+    ``all_reduce`` of 2C + 1 float64 sums, whatever the world size), one ``all_reduce`` of
+    two per-channel sums backward. Without an initialized process group,
     or with one rank, it is JSBN, so single-GPU and CPU runs need no conversion. Unlike
     torch's SyncBatchNorm it runs on CPU with gloo, and it is deliberately not an
     ``nn.SyncBatchNorm`` subclass, so mmengine's ``revert_sync_batchnorm`` keeps it.
@@ -126,7 +128,12 @@ class SyncJSBN(JSBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, estimator: str = 'paper',
-                 eval_stats: str = 'running', process_group=None, device=None, dtype=None) -> None:
+                 eval_stats: str = 'running', process_group=None, sync_mode: str = 'reduce',
+                 device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, estimator,
                          eval_stats, device, dtype)
         self.process_group = process_group
+        self.sync_mode = check_sync_mode(sync_mode)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, sync_mode={self.sync_mode!r}'

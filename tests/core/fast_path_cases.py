@@ -340,9 +340,10 @@ def _():
 
 @case('functional_synchronized_one_rank_gloo')
 def _():
-    """The synchronized kernels' path (gathered partials, all-reduced copy of the sums) with
-    an explicit one-rank group equals the local result, with exactly one all_gather
-    forward and one all_reduce backward."""
+    """The synchronized kernels' path (partials reduced or gathered, all-reduced copy of the
+    sums) with an explicit one-rank group equals the local result, with exactly one
+    collective forward (all_reduce, or all_gather in gather mode) and one all_reduce
+    backward."""
     import torch.distributed as dist
 
     from robustbn import fast, get_estimator, shrunk_batch_norm
@@ -365,7 +366,9 @@ def _():
                         x = _input((4, 6, 5, 3), dtype, cl=cl)
                         g = torch.randn(x.shape, dtype=dtype)
                         res = []
-                        for group, mode in ((dist.group.WORLD, 'on'), (None, 'off')):
+                        for group, mode, sync in ((dist.group.WORLD, 'on', 'reduce'),
+                                                  (dist.group.WORLD, 'on', 'gather'),
+                                                  (None, 'off', 'reduce')):
                             calls.clear()
                             xx = x.clone().requires_grad_()
                             w = torch.linspace(0.5, 1.5, 6, dtype=dtype).requires_grad_()
@@ -373,14 +376,17 @@ def _():
                             rm, rv = torch.zeros(6, dtype=dtype), torch.ones(6, dtype=dtype)
                             with fast.fast_path(mode):
                                 y = shrunk_batch_norm(xx, w, b, rm, rv, get_estimator(est), 1e-5,
-                                                      0.1, group=group)
+                                                      0.1, group=group, sync_mode=sync)
                                 (y * g).sum().backward()
                             res.append([y, xx.grad, w.grad, b.grad, rm, rv])
-                            want = ['all_gather', 'all_reduce'] if group is not None else []
+                            want = [] if group is None else \
+                                ['all_gather' if sync == 'gather' else 'all_reduce', 'all_reduce']
                             assert calls == want, f'collectives {calls}, expected {want}'
-                        for key, a, b_ in zip(('y', 'x_grad', 'w', 'b', 'rm', 'rv'), *res):
-                            _close(f'{est} {key}', a.detach(), b_.detach(),
-                                   tol if key not in ('rm', 'rv') else F64['buf'])
+                        for got in res[:2]:
+                            for key, a, b_ in zip(('y', 'x_grad', 'w', 'b', 'rm', 'rv'), got,
+                                                  res[2]):
+                                _close(f'{est} {key}', a.detach(), b_.detach(),
+                                       tol if key not in ('rm', 'rv') else F64['buf'])
         finally:
             dist.all_gather_into_tensor, dist.all_reduce = saved
 
@@ -403,10 +409,12 @@ def _sync_worker(rank, port, out_dir):
         with fast.fast_path('on'), _tuning(**FEW_SYNC_ROWS):
             for est in SYNC_ESTIMATORS:
                 for name, layer in (('jsbn', SyncJSBN(6, estimator=est)),
+                                    ('jsbn_gather', SyncJSBN(6, estimator=est,
+                                                             sync_mode='gather')),
                                     ('gprebn', SyncGpreBN(6, batch_estimator=est,
                                                           update_source_stats=True))):
                     res[name, est] = _step(_randomize(layer.double()), x[sl], g[sl])
-        assert Calls.forward == Calls.backward == 2 * len(SYNC_ESTIMATORS)
+        assert Calls.forward == Calls.backward == 3 * len(SYNC_ESTIMATORS)
         torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()
 
@@ -431,6 +439,7 @@ def _():
     with fast.fast_path('off'):
         for est in SYNC_ESTIMATORS:
             for name, layer in (('jsbn', JSBN2d(6, estimator=est)),
+                                ('jsbn_gather', JSBN2d(6, estimator=est)),
                                 ('gprebn', GpreBN2d(6, batch_estimator=est,
                                                     update_source_stats=True))):
                 want = _step(_randomize(layer.double()), x, g)

@@ -1,7 +1,8 @@
 """SyncJSBN across gloo processes (CPU) equals JSBN on the concatenated global batch.
 
-One spawn per world size (1, 2 and 3 processes, uneven per-rank batches, one of them
-empty) runs every estimator and every check in each rank and saves the local results;
+One spawn per world size and synchronization mode (1 to 4 processes, uneven per-rank
+batches, one of them empty; ``sync_mode`` 'reduce', the default, and 'gather') runs every
+estimator and every check in each rank and saves the local results;
 the parent computes the JSBN1d/2d/3d reference on the concatenated batch and compares:
 outputs and input gradients (each rank's slice), weight/bias gradients (sum over ranks,
 each rank returns its local contribution like torch's SyncBatchNorm), running stats and
@@ -43,7 +44,10 @@ TRAIN_1D = ('1d', (), 0.1, 'running', (400,))
 TRAIN_3D = ('3d', (2, 2, 2), 0.1, 'running', (500,))
 CUMAVG = ('cumavg', (3, 3), None, 'running', (600, 601, 602))
 
-WORLDS = {1: [4], 2: [3, 5], 3: [2, 0, 4]}  # per-rank batch sizes
+WORLDS = {1: [4], 2: [3, 5], 3: [2, 0, 4], 4: [3, 0, 1, 4]}  # per-rank batch sizes
+# (world, sync_mode) of the spawns: the default everywhere, the gather mode at 2 and 3
+SPAWNS = [(1, 'reduce'), (2, 'reduce'), (2, 'gather'), (3, 'reduce'), (3, 'gather'),
+          (4, 'reduce')]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -76,12 +80,13 @@ def _init_state(seed: int = 7):
     }
 
 
-def _layer(sync: bool, ndim: int, estimator: str, momentum, eval_stats: str):
+def _layer(sync: bool, ndim: int, estimator: str, momentum, eval_stats: str,
+           sync_mode: str = 'reduce'):
+    kw = dict(eps=EPS, momentum=momentum, estimator=estimator, eval_stats=eval_stats)
     if sync:
-        cls = SyncJSBN
+        layer = SyncJSBN(C, sync_mode=sync_mode, **kw)
     else:
-        cls = {2: JSBN1d, 4: JSBN2d, 5: JSBN3d}[ndim]
-    layer = cls(C, eps=EPS, momentum=momentum, estimator=estimator, eval_stats=eval_stats)
+        layer = {2: JSBN1d, 4: JSBN2d, 5: JSBN3d}[ndim](C, **kw)
     layer = layer.double()
     layer.load_state_dict(_init_state())
     return layer
@@ -132,15 +137,16 @@ def _no_collectives():
             setattr(dist, n, fn)
 
 
-def _compute(sizes, rank: int, sync: bool):
+def _compute(sizes, rank: int, sync: bool, mode: str = 'reduce'):
     """Every case for every estimator, on this rank's slice (reference: sizes=[N], rank 0).
 
-    sync=True uses SyncJSBN for all input dims, sync=False JSBN1d/2d/3d.
+    sync=True uses SyncJSBN (``sync_mode=mode``) for all input dims, sync=False
+    JSBN1d/2d/3d.
     """
     res = {}
     for est in EST_NAMES:
         for case, tail, momentum, eval_stats, seeds in (TRAIN_4D, TRAIN_1D, TRAIN_3D, CUMAVG):
-            layer = _layer(sync, 2 + len(tail), est, momentum, eval_stats)
+            layer = _layer(sync, 2 + len(tail), est, momentum, eval_stats, mode)
             res[case, est] = _steps(layer.train(), sizes, rank, tail, seeds)
             if case == 'train':
                 # Default eval_stats='running': F.batch_norm with the running stats, so
@@ -151,7 +157,7 @@ def _compute(sizes, rank: int, sync: bool):
                     y = layer(_local(x, sizes, rank))
                 res['eval_running', est] = {'y': y.clone(), 'buffers': _buffers(layer)}
         case, tail, momentum, eval_stats, seeds = EVAL_BATCH
-        layer = _layer(sync, 2 + len(tail), est, momentum, eval_stats).eval()
+        layer = _layer(sync, 2 + len(tail), est, momentum, eval_stats, mode).eval()
         res[case, est] = _steps(layer, sizes, rank, tail, seeds)
     return res
 
@@ -166,16 +172,35 @@ def _world_size_one_value_error():
     return None
 
 
-def _worker(rank: int, world: int, port: int, sizes, out_dir: str):
+# float32 input with mean 1e3 and std 0.1 (E[x^2] - E[x]^2 in float32 would be all
+# rounding: ulp(1e6) = 0.06): the synchronized statistics within 1e-3 of float64's.
+NUMERICS_SEED = 700
+
+
+def _large_mean_data(n_total: int):
+    gen = torch.Generator().manual_seed(NUMERICS_SEED)
+    return 1e3 + 0.1 * torch.randn(n_total, C, 5, 5, generator=gen, dtype=torch.float64)
+
+
+def _large_mean_numerics(sizes, rank: int, mode: str):
+    """This rank's float32 output and the running statistics after one step ('none')."""
+    layer = SyncJSBN(C, estimator='none', momentum=1.0, sync_mode=mode).train()
+    y = layer(_local(_large_mean_data(sum(sizes)), sizes, rank).float())
+    return {'y': y.detach(), 'mean': layer.running_mean.clone(),
+            'var': layer.running_var.clone()}
+
+
+def _worker(rank: int, world: int, port: int, sizes, mode: str, out_dir: str):
     torch.set_num_threads(1)
     with gloo_group(rank, world, port, timeout=datetime.timedelta(seconds=60)):
         if world == 1:
             # One rank: SyncJSBN must take the local path (no collective at all).
             with _no_collectives():
-                res = _compute(sizes, rank, sync=True)
+                res = _compute(sizes, rank, sync=True, mode=mode)
                 res['value_error'] = _world_size_one_value_error()
         else:
-            res = _compute(sizes, rank, sync=True)
+            res = _compute(sizes, rank, sync=True, mode=mode)
+            res['numerics'] = _large_mean_numerics(sizes, rank, mode)
         torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()
 
@@ -228,13 +253,13 @@ def reference():
     return get
 
 
-@pytest.fixture(scope='module', params=sorted(WORLDS), ids=lambda w: f'world{w}')
+@pytest.fixture(scope='module', params=SPAWNS, ids=lambda p: f'world{p[0]}-{p[1]}')
 def synced(request, tmp_path_factory):
     """(world, sizes, per-rank results) from one spawn of `world` gloo processes."""
-    world = request.param
+    world, mode = request.param
     sizes = WORLDS[world]
-    out_dir = tmp_path_factory.mktemp(f'sync_world{world}')
-    mp.spawn(_worker, args=(world, free_port(), sizes, str(out_dir)), nprocs=world,
+    out_dir = tmp_path_factory.mktemp(f'sync_world{world}_{mode}')
+    mp.spawn(_worker, args=(world, free_port(), sizes, mode, str(out_dir)), nprocs=world,
              join=True)
     ranks = [torch.load(out_dir / f'rank{r}.pt', weights_only=False) for r in range(world)]
     return world, sizes, ranks
@@ -384,3 +409,24 @@ def test_no_process_group_is_jsbn(reference):
             layer.train()(x)
     # In eval with running stats a single value per channel is fine (no batch statistics).
     _layer(True, 4, 'paper', 0.1, 'running').eval()(x)
+
+
+def test_sync_large_mean_float32_numerics(synced):
+    """Mean 1e3, std 0.1, float32 through the synchronized path: statistics and output
+    within 1e-3 (relative) of float64 batch norm on the concatenated batch."""
+    world, sizes, ranks = synced
+    if world == 1:
+        pytest.skip('one rank takes the local path (tests/core/test_jsbn.py)')
+    x = _large_mean_data(sum(sizes)).float().double()  # the float32 input, exactly
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+    want = F.batch_norm(x, None, None, training=True, eps=EPS)
+    failures = []
+    for r, res in enumerate(ranks):
+        got = res['numerics']
+        _close(failures, f'rank {r} running_var', got['var'].double(), var,
+               dict(rtol=1e-3, atol=0))
+        _close(failures, f'rank {r} running_mean', got['mean'].double(), mean,
+               dict(rtol=1e-6, atol=0))
+        _close(failures, f'rank {r} y', got['y'].double(), _local(want, sizes, r),
+               dict(rtol=1e-3, atol=1e-3))
+    _report(failures, f'large-mean float32 statistics across {world} processes')

@@ -100,6 +100,7 @@ def fast_path_estimator(x: torch.Tensor, estimator, num_updates: int):
 
 
 def shrunk_batch_norm_fast(x, weight, bias, name, eps, group, updates, ref_stats, record,
-                           nonfinite=None):
+                           nonfinite=None, sync_mode='reduce'):
     from .ops import shrunk_batch_norm_fast as impl
-    return impl(x, weight, bias, name, eps, group, updates, ref_stats, record, nonfinite)
+    return impl(x, weight, bias, name, eps, group, updates, ref_stats, record, nonfinite,
+                sync_mode)

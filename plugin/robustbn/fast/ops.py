@@ -1,10 +1,11 @@
 """Host side of the fast path: launch configuration, the forward and backward passes, an
 autograd Function (eager) and custom ops (torch.compile).
 
-Forward: ``moments_kernel`` (partials of (count, mean, M2)) -> [``all_gather`` of the
-partials] -> ``estimate_kernel`` (merge, estimator, affine map, EMA updates) ->
-``channel_affine_kernel`` (output). Backward: ``grad_sums_kernel`` -> [``all_reduce``] ->
-``vjp_kernel`` -> ``channel_affine_kernel`` (input gradient). Nothing waits on the device.
+Forward: ``moments_kernel`` (partials of (count, mean, M2)) -> [synchronized: the
+partials merged over ranks, ``robustbn.comm.sync_moment_rows``] -> ``estimate_kernel``
+(merge, estimator, affine map, EMA updates) -> ``channel_affine_kernel`` (output).
+Backward: ``grad_sums_kernel`` -> [``all_reduce``] -> ``vjp_kernel`` ->
+``channel_affine_kernel`` (input gradient). Nothing waits on the device.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .. import comm
 from ..estimators import ESTIMATORS, shrinkage_factors
 from ..functional import count_nonfinite, update_running
 from . import INTERPRETING
@@ -152,7 +153,7 @@ def _affine(x: Tensor, g: Optional[Tensor], out: Tensor, coef: Tensor, cfg: Conf
 
 def forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], name: str,
                  eps: float, group, updates, ref_mu: Optional[Tensor],
-                 ref_var: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                 ref_var: Optional[Tensor], sync_mode: str = 'reduce') -> Tuple[Tensor, Tensor]:
     """(y, stats); x in a supported layout, stats the (9C + 1) buffer of kernels.SLOT."""
     cfg = reduce_config(x.shape, layout(x), group is not None, x.device)
     c, sdt = cfg.C, stat_dtype(x.dtype)
@@ -164,10 +165,8 @@ def forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], na
         BLOCK_B=cfg.block_b, num_warps=4)
     n_rows = cfg.splits
     if group is not None:
-        world = dist.get_world_size(group)
-        gathered = partials.new_empty(world * partials.numel())
-        dist.all_gather_into_tensor(gathered, partials, group=group)
-        partials, n_rows = gathered, world * cfg.splits
+        rows = comm.sync_moment_rows(partials.view(cfg.splits, row), group, sync_mode)
+        partials, n_rows = rows.reshape(-1), rows.size(0)
 
     stats = torch.empty(K.NUM_SLOTS * c + 1, dtype=sdt, device=x.device)
     code = estimator_code(name, c)
@@ -203,7 +202,7 @@ def backward_impl(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], stats: 
         cfg.n_hw_tiles, cfg.splits, CL=cfg.cl, INT64=_int64(x), COPY=copy, FOR_LOOP=FOR_LOOP,
         BLOCK_A=cfg.block_a, BLOCK_B=cfg.block_b, num_warps=4)
     if copy:
-        dist.all_reduce(total, group=group)
+        comm.all_reduce(total, group)
 
     coef = torch.empty(4 * c, dtype=sdt, device=x.device) if need_gx else stats
     gw = torch.empty_like(weight) if need_gw else None
@@ -230,10 +229,11 @@ class FastShrunkBatchNormFunction(torch.autograd.Function):
     (y, stats), stats non-differentiable."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, name, eps, group, updates, ref_mu, ref_var):
+    def forward(ctx, x, weight, bias, name, eps, group, updates, ref_mu, ref_var,
+                sync_mode='reduce'):
         with _on_device(x):
             y, stats = forward_impl(x, weight, bias, name, eps, group, updates, ref_mu,
-                                    ref_var)
+                                    ref_var, sync_mode)
         # The kernel wrote the running buffers: tell autograd, as an in-place op would.
         torch.autograd.graph.increment_version([b for m, v, _ in updates for b in (m, v)])
         ctx.save_for_backward(x, weight, stats)
@@ -253,7 +253,7 @@ class FastShrunkBatchNormFunction(torch.autograd.Function):
                 _like_x(grad_y, x), x, weight, stats, name, eps, group, has_ref, need[0],
                 weight is not None and need[1], bias_dtype is not None and need[2],
                 bias_dtype or stats.dtype)
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 def _like_x(g: Tensor, x: Tensor) -> Tensor:
@@ -324,14 +324,15 @@ def _slot(stats: Tensor, name: str, c: int) -> Tensor:
 
 
 @torch.compiler.disable
-def _synced_eager(x, weight, bias, name, eps, group, updates, ref_mu, ref_var):
+def _synced_eager(x, weight, bias, name, eps, group, updates, ref_mu, ref_var, sync_mode):
     return FastShrunkBatchNormFunction.apply(x, weight, bias, name, eps, group, updates,
-                                             ref_mu, ref_var)
+                                             ref_mu, ref_var, sync_mode)
 
 
 def shrunk_batch_norm_fast(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                            name: str, eps: float, group, updates, ref_stats,
-                           record: Optional[list], nonfinite: Optional[Tensor]) -> Tensor:
+                           record: Optional[list], nonfinite: Optional[Tensor],
+                           sync_mode: str = 'reduce') -> Tensor:
     """The fast path of ``functional.shrunk_batch_norm`` (same arguments)."""
     if layout(x) is None:
         x = x.contiguous()
@@ -340,9 +341,10 @@ def shrunk_batch_norm_fast(x: Tensor, weight: Optional[Tensor], bias: Optional[T
     in_kernel = True  # whether the kernels updated the running buffers
     if not torch.compiler.is_compiling():
         y, stats = FastShrunkBatchNormFunction.apply(x, weight, bias, name, eps, group,
-                                                     updates, ref_mu, ref_var)
+                                                     updates, ref_mu, ref_var, sync_mode)
     elif group is not None:
-        y, stats = _synced_eager(x, weight, bias, name, eps, group, updates, ref_mu, ref_var)
+        y, stats = _synced_eager(x, weight, bias, name, eps, group, updates, ref_mu, ref_var,
+                                 sync_mode)
     else:
         y, stats = _forward_op(x, weight, bias, name, eps, ref_mu, ref_var)
         stats = stats.detach()
