@@ -1,7 +1,7 @@
 # Layer-level speed of the norm layers: one forward + backward (input, weight and bias
 # gradients) of nn.BatchNorm2d (cuDNN), JSBN2d on the fast path and on the reference path,
 # GpreBN2d (both paths), and on GPU the synchronized code paths in a one-process NCCL
-# group: SyncJSBN's kernels (all_gather forward, all_reduce backward) vs nn.SyncBatchNorm's.
+# group: SyncJSBN's kernels (all_reduce forward and backward) vs nn.SyncBatchNorm's.
 # HRNet-W18 and ResNet-50 shapes, float32 and bfloat16 input under autocast, NCHW and
 # channels_last. Prints a markdown table (device, versions) with per-iteration eager wall
 # time, GPU kernel time (sum of kernel durations from torch.profiler) and kernel count, and

@@ -253,11 +253,12 @@ def _nccl_group():
         os.environ.pop('MASTER_PORT', None)
 
 
+@pytest.mark.parametrize('sync_mode', ['reduce', 'gather'])
 @pytest.mark.parametrize('estimator', ESTIMATORS)
-def test_synchronized_fast_path_no_host_sync(monkeypatch, estimator):
-    """An explicit one-rank NCCL group runs the synchronized kernels (all_gather of the
-    partials, all_reduce of a copy of the sums) without a device-to-host sync; equal to
-    the local result."""
+def test_synchronized_fast_path_no_host_sync(monkeypatch, estimator, sync_mode):
+    """An explicit one-rank NCCL group runs the synchronized kernels (partials all-reduced
+    as float64 sums or all-gathered, all_reduce of a copy of the sums) without a
+    device-to-host sync; equal to the local result."""
     calls = _fast_calls(monkeypatch)
     x = _x(shape=(4, 16, 12, 12)).cuda()
     g = torch.randn(x.shape, device='cuda')
@@ -270,7 +271,8 @@ def test_synchronized_fast_path_no_host_sync(monkeypatch, estimator):
         rm, rv = torch.zeros(16, device='cuda'), torch.ones(16, device='cuda')
         torch.cuda.set_sync_debug_mode('error' if debug else 0)
         try:
-            y = shrunk_batch_norm(xx, w, b, rm, rv, est, 1e-5, 0.1, group=group)
+            y = shrunk_batch_norm(xx, w, b, rm, rv, est, 1e-5, 0.1, group=group,
+                                  sync_mode=sync_mode)
             (y * g).sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
