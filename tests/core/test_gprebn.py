@@ -24,6 +24,7 @@ def _layer(cls=GpreBN2d, c=5, seed=0, **kw):
         layer.reset_target()
         layer.target_mean.add_(torch.linspace(-0.2, 0.3, c, dtype=torch.float64))
         layer.target_var.mul_(torch.linspace(0.8, 1.3, c, dtype=torch.float64))
+        layer.target_initialized.fill_(True)  # an average in progress: the EMA continues
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-1, 1)
     return layer
@@ -161,7 +162,9 @@ def test_bn_checkpoints_load_and_conversion_keeps_source():
     layer.load_state_dict(bn.state_dict(), strict=True)
     torch.testing.assert_close(layer.target_mean, bn.running_mean)
     torch.testing.assert_close(layer.target_var, bn.running_var)
-    assert set(layer.state_dict()) == set(bn.state_dict()) | {'target_mean', 'target_var'}
+    assert set(layer.state_dict()) == set(bn.state_dict()) | {'target_mean', 'target_var',
+                                                              'target_initialized'}
+    assert not layer.target_initialized
     layer2 = GpreBN2d(5)
     layer2.load_state_dict(layer.state_dict(), strict=True)
     model = robustbn.convert_norm(nn.Sequential(nn.Conv2d(3, 5, 1), bn).eval(), 'GpreBN',
