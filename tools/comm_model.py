@@ -507,7 +507,9 @@ def run(args, command: str) -> dict:
     layers = sync_norm_layers(build_model(args.config, args.cfg_options))
     if not layers:
         raise ToolError(f'{args.config}: the model has no synchronized norm layers (SyncJSBN, '
-                        'SyncGpreBN or torch SyncBatchNorm); nothing is communicated')
+                        'SyncGpreBN or torch SyncBatchNorm); nothing is communicated (to price '
+                        'a local model synchronized: --cfg-options '
+                        'model.backbone.norm_cfg.type=SyncJSBN)')
     summary = layer_summary(layers)
     widths, dtype = summary['widths'], DTYPES[args.dtype]
     worlds = sorted(set(args.worlds))
