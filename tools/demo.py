@@ -119,6 +119,10 @@ def main(argv=None) -> int:
 
     print(json.dumps(results, indent=2))
     print(f'metrics: {metrics_path}\nplot:    {plot_path}\nshrinkage plot: {shrink_path}')
+    # One seed per layer: differences of a point or two can flip with the next seed.
+    print('one seed each, a smoke test, not a result: for means, 95 % intervals and paired '
+          'differences over seeds run tools/benchmark_robustness.py (docs/results.md, '
+          '"Robustness")')
     return 0
 
 
