@@ -43,11 +43,15 @@ class Adapter:
     each rank backpropagates its local entropy *sum*, the synchronized norm layers' backward
     adds the other ranks' terms, and one all-reduce sums the parameter gradients and the
     position counts, by which they are divided.
+
+    ``train_mode``: the non-norm layers (dropout, ...) in train mode while adapting; None:
+    the method's reference (True for 'tent', as TENT; False otherwise).
     """
 
     def __init__(self, model: nn.Module, method: str, optimizer: Optional[dict] = None,
                  steps: int = 1, episodic: bool = False, norm_kwargs: Optional[dict] = None,
-                 logits_module: Optional[str] = None, fp16: bool = False) -> None:
+                 logits_module: Optional[str] = None, fp16: bool = False,
+                 train_mode: Optional[bool] = None) -> None:
         check_method(method)
         if method == 'source':
             raise ValueError("method 'source' needs no adapter: run the model itself")
@@ -56,7 +60,7 @@ class Adapter:
         self.group = sync_group()
         self.method, self.steps, self.episodic, self.fp16 = method, steps, episodic, fp16
         self.model = configure_model(copy.deepcopy(model), method, norm_kwargs,
-                                     sync=self.group is not None)
+                                     sync=self.group is not None, train_mode=train_mode)
         self.logits_module = find_logits_module(self.model, logits_module)
         self.params = norm_affine_params(self.model) if method in GRADIENT_METHODS else []
         cfg = optimizer_cfg(method, optimizer)

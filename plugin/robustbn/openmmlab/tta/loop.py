@@ -13,7 +13,7 @@ from mmengine.structures import BaseDataElement
 from torch.utils.data import DataLoader
 
 from .adapter import Adapter
-from .methods import check_method, check_norm_kwargs, check_steps, optimizer_cfg
+from .methods import check_method, check_norm_kwargs, check_steps, check_train_mode, optimizer_cfg
 
 STAGES = ('val', 'test')
 
@@ -25,7 +25,8 @@ class TestTimeAdaptLoop(BaseLoop):
 
         dict(type='TestTimeAdaptLoop', method='gprebn',
              optimizer=dict(type='SGD', lr=2.5e-4, momentum=0.9), steps=1, episodic=False,
-             norm_kwargs=dict(theta=1.0, target_momentum=0.05, batch_estimator='sample'))
+             norm_kwargs=dict(theta=1.0, target_momentum=0.05, batch_estimator='sample',
+                              target_init='first_batch', target_average='var'))
 
     ``method``: 'source' (exactly mmengine's TestLoop/ValLoop), 'bn_adapt', 'tent' or
     'gprebn' (:mod:`robustbn.openmmlab.tta.methods`). ``optimizer``: an mmengine OPTIMIZERS config
@@ -35,7 +36,9 @@ class TestTimeAdaptLoop(BaseLoop):
     ignore them). ``logits_module``: name of the submodule whose output is the logits
     (default: mmseg's ``decode_head.conv_seg``, else ``head``). ``fp16``: autocast, as in
     mmengine's loops (no loss scaling for the entropy). ``stage``: 'val' or 'test' hooks;
-    None tells from the runner whether this loop is its val loop.
+    None tells from the runner whether this loop is its val loop. ``train_mode``: the
+    non-norm layers (dropout, ...) in train mode while adapting; None: the method's
+    reference (True for 'tent', as TENT; False for the others).
 
     Every ``run()`` adapts a fresh deep copy of the runner's current model, so the model
     (a training model during validation included) is never changed; the adapted copy stays
@@ -47,9 +50,11 @@ class TestTimeAdaptLoop(BaseLoop):
                  evaluator: Union[Evaluator, Dict, List], method: str = 'gprebn',
                  optimizer: Optional[dict] = None, steps: int = 1, episodic: bool = False,
                  norm_kwargs: Optional[dict] = None, logits_module: Optional[str] = None,
-                 fp16: bool = False, stage: Optional[str] = None) -> None:
+                 fp16: bool = False, stage: Optional[str] = None,
+                 train_mode: Optional[bool] = None) -> None:
         # Bad settings fail when the loop is built, not after a training epoch.
         check_method(method)
+        check_train_mode(train_mode)
         optimizer_cfg(method, optimizer)
         check_norm_kwargs(norm_kwargs)
         check_steps(steps)
@@ -69,7 +74,7 @@ class TestTimeAdaptLoop(BaseLoop):
                       logger='current', level=logging.WARNING)
         self.method, self.optimizer, self.steps, self.episodic = method, optimizer, steps, episodic
         self.norm_kwargs, self.logits_module, self.fp16 = norm_kwargs, logits_module, fp16
-        self.stage = stage
+        self.stage, self.train_mode = stage, train_mode
         self.losses: Dict[str, HistoryBuffer] = dict()
         self.adapter: Optional[Adapter] = None
 
@@ -93,7 +98,7 @@ class TestTimeAdaptLoop(BaseLoop):
         if self.method != 'source':
             self.adapter = Adapter(self.runner.model, self.method, self.optimizer, self.steps,
                                    self.episodic, self.norm_kwargs, self.logits_module,
-                                   self.fp16)
+                                   self.fp16, self.train_mode)
         for idx, data_batch in enumerate(self.dataloader):
             self.run_iter(idx, data_batch, stage)
 

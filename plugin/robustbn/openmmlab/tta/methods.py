@@ -5,6 +5,11 @@ current test batch's statistics (no gradient). ``tent``: the same plus entropy
 minimization of the norm layers' affine parameters (TENT, arXiv 2006.10726). ``gprebn``:
 BN layers converted to GpreBN and the same entropy minimization (arXiv 2205.10210, with
 DELTA's optimizer).
+
+Train mode of the other layers (dropout, drop path, ...): TENT's ``configure_model`` puts
+the whole model in train mode, so ``tent`` does too by default; ``source``, ``bn_adapt``
+and ``gprebn`` (DELTA keeps the model in eval mode) do not. The norm layers behave as above
+either way.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...convert import convert_norm, dim_of
-from ...gprebn import GpreBatchNorm
+from ...gprebn import GpreBatchNorm, GpreBN2d
 from ...jsbn import JSBatchNorm, SyncJSBN
 
 METHODS = ('source', 'bn_adapt', 'tent', 'gprebn')
@@ -29,7 +34,10 @@ DEFAULT_OPTIMIZERS = {
     'tent': dict(type='Adam', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0),
     'gprebn': dict(type='SGD', lr=2.5e-4, momentum=0.9),
 }
-GPREBN_KWARGS = ('theta', 'target_momentum', 'batch_estimator', 'update_source_stats')
+GPREBN_KWARGS = ('theta', 'target_momentum', 'batch_estimator', 'update_source_stats',
+                 'target_init', 'target_average')
+# Methods whose reference implementation adapts with the non-norm layers in train mode.
+TRAIN_MODE_METHODS = ('tent',)
 
 
 def check_method(method: str) -> None:
@@ -42,11 +50,23 @@ def check_steps(steps) -> None:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
 
 
+def check_train_mode(train_mode) -> None:
+    if train_mode is not None and not isinstance(train_mode, bool):
+        raise ValueError(f'train_mode must be None, True or False, got {train_mode!r}')
+
+
+def default_train_mode(method: str, train_mode: Optional[bool] = None) -> bool:
+    """Whether the non-norm layers run in train mode: ``train_mode`` when given, else the
+    method's reference implementation (True for 'tent' only)."""
+    return method in TRAIN_MODE_METHODS if train_mode is None else train_mode
+
+
 def check_norm_kwargs(norm_kwargs: Optional[dict]) -> dict:
     norm_kwargs = dict(norm_kwargs or {})
     unknown = sorted(set(norm_kwargs) - set(GPREBN_KWARGS))
     if unknown:
         raise ValueError(f'unknown norm_kwargs {unknown}; GpreBN takes {", ".join(GPREBN_KWARGS)}')
+    GpreBN2d(1, **norm_kwargs)  # bad values (theta, target_init, ...) fail here, clearly
     return norm_kwargs
 
 
@@ -117,11 +137,19 @@ def norm_affine_params(model: nn.Module) -> List[nn.Parameter]:
 
 
 def configure_model(model: nn.Module, method: str, norm_kwargs: Optional[dict] = None,
-                    sync: bool = False) -> nn.Module:
+                    sync: bool = False, train_mode: Optional[bool] = None) -> nn.Module:
     """Prepare ``model`` (a copy: it is changed in place) for ``method``. ``sync``: batch
-    statistics over all ranks of the default process group."""
+    statistics over all ranks of the default process group. ``train_mode``: the non-norm
+    layers (dropout, ...) in train mode; None: the method's default (see the module)."""
     check_method(method)
-    model.eval()  # dropout and the like stay in inference mode
+    check_train_mode(train_mode)
+    if default_train_mode(method, train_mode):
+        model.train()  # as TENT: dropout and the like as in training
+        for m in model.modules():  # norm layers: batch statistics in eval mode (below)
+            if isinstance(m, _BatchNorm):
+                m.eval()
+    else:
+        model.eval()  # dropout and the like stay in inference mode
     if method in ('bn_adapt', 'tent'):
         model = replace_norms(model, lambda m: _batch_stats_layer(m, sync))
     elif method == 'gprebn':
@@ -146,7 +174,8 @@ def entropy_sum(logits: Tensor) -> Tuple[Tensor, int]:
     """Sum of the prediction entropies over all positions of ``logits`` (N, K, ...) — one
     per sample, or per sample and pixel — and the number of positions. Classes on dim 1
     (softmax); a single channel is a sigmoid (binary) prediction, as mmseg treats it."""
-    x = logits.float()  # entropy in float32 under fp16/bf16 autocast
+    # float32 under fp16/bf16 autocast; a float64 model keeps its precision
+    x = logits if logits.dtype == torch.float64 else logits.float()
     if x.size(1) == 1:
         p = torch.sigmoid(x)
         h = p * F.softplus(-x) + (1 - p) * F.softplus(x)
