@@ -68,7 +68,9 @@ def _wrapped(dataset) -> list:
 
 def default_corruptions(dataset) -> list:
     def on_the_fly(ds):
-        return bool(_pipeline_corruptions(ds)) or any(on_the_fly(d) for d in _wrapped(ds))
+        # ImageNetCorruption in the pipeline, or Digits-C (generated with it)
+        return bool(_pipeline_corruptions(ds)) or ds.get('type') == 'DigitsC' or \
+            any(on_the_fly(d) for d in _wrapped(ds))
     if on_the_fly(dataset):
         from robustbn.openmmlab.datasets import CORRUPTIONS as SUPPORTED
         return list(SUPPORTED)

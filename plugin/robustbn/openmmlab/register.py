@@ -39,6 +39,7 @@ def register_components() -> None:
     from .datasets import (
         CIFAR10,
         CIFAR10C,
+        DigitsC,
         DigitsDataset,
         ImageFolder,
         ImageNetCorruption,
@@ -61,7 +62,7 @@ def register_components() -> None:
     for cls in (ImageClassifier, VolumeDataPreprocessor, CifarResNet, TorchvisionResNet,
                 CNN3d):
         MODELS.register_module(module=cls)
-    for cls in (CIFAR10, CIFAR10C, ImageFolder, VolumeDataset, DigitsDataset):
+    for cls in (CIFAR10, CIFAR10C, ImageFolder, VolumeDataset, DigitsDataset, DigitsC):
         DATASETS.register_module(module=cls)
     for cls in (PackClsInputs, SeededAlbu, ImageNetCorruption):
         TRANSFORMS.register_module(module=cls)
