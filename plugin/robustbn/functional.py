@@ -51,15 +51,21 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
 
 
 def local_moments(x: Tensor):
-    """(count, mean, M2) of each channel of x in the statistics dtype; count is an int."""
+    """(count, mean, biased variance) of each channel of x in the statistics dtype; count is
+    an int. BatchNorm's own statistics kernel (on CPU several times faster than
+    ``var_mean`` over (N, H, W); centred, so no E[x^2] - E[x]^2 cancellation)."""
     c = x.size(1)
     n = x.numel() // c if c else 0
     sdt = stat_dtype(x.dtype)
     if n == 0:
         zeros = torch.zeros(c, dtype=sdt, device=x.device)
         return 0, zeros, zeros.clone()
-    var, mean = torch.var_mean(x.to(sdt), dim=_reduce_dims(x), correction=0)
-    return n, mean, var * n
+    if x.dtype == sdt:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    else:  # float32 running buffers select the kernel's float32 statistics (momentum 0)
+        scratch = torch.empty(2, c, dtype=sdt, device=x.device)
+        mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
+    return n, mean, var
 
 
 def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor):
@@ -76,11 +82,11 @@ def batch_moments(x: Tensor, group=None, sync_mode: str = 'reduce'):
     ranks' x with a process ``group`` (one collective, see :mod:`robustbn.comm`);
     statistics dtype. The count is a float without a group, a 0-dim tensor (no host sync)
     with one."""
-    n_local, mean, m2 = local_moments(x)
+    n_local, mean, var = local_moments(x)
     if group is None:
-        return float(n_local), mean, m2 / max(n_local, 1)
+        return float(n_local), mean, var
     c = mean.numel()
-    row = torch.cat([mean.new_full((1,), float(n_local)), mean, m2])
+    row = torch.cat([mean.new_full((1,), float(n_local)), mean, var * n_local])
     rows = comm.sync_moment_rows(row[None], group, sync_mode)
     if rows.size(0) > 1:
         return merge_moments(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
@@ -203,10 +209,13 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             d_mu = -w * sum_g
             d_var = -0.5 * w * invstd * sum_gx
             dm, dv = ctx.estimator.backward(m, v, n, d_mu, d_var)
-            # dx = g w + 2 dv/N (x - m) + dm/N in one pass (statistics dtype via promotion).
-            grad_x = (x - _bcast(m, x)).mul_(_bcast(2 * dv / n, x))
-            grad_x.addcmul_(grad_out, _bcast(w, x)).add_(_bcast(dm / n, x))
-            grad_x = grad_x.to(x.dtype)
+            # dx = g w + k x + c with k = 2 dv/N, c = dm/N - k m: two full-tensor passes
+            # (statistics dtype via promotion). Folding m into c rounds k x at |k m| instead
+            # of |k (x - m)|, as BatchNorm's inference kernel does in forward.
+            k = 2 * dv / n
+            grad_x = torch.addcmul(_bcast(torch.addcmul(dm / n, k, m, value=-1), x), x,
+                                   _bcast(k, x))
+            grad_x = grad_x.addcmul_(grad_out, _bcast(w, x)).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
