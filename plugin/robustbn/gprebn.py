@@ -39,6 +39,7 @@ from .base import (
     check_batch_stats_input,
     ema_factor,
 )
+from .comm import check_sync_mode
 from .estimators import finite_channels, get_estimator
 from .functional import as_estimator, batch_moments, count_nonfinite, normalize, shrunk_batch_norm
 
@@ -270,9 +271,10 @@ class SyncGpreBN(GpreBatchNorm):
                  affine: bool = True, track_running_stats: bool = True, theta: float = 1.0,
                  target_momentum: float = 0.05, batch_estimator: str = 'sample',
                  update_source_stats: bool = False, process_group=None,
-                 target_init: str = 'first_batch', target_average: str = 'var', device=None,
-                 dtype=None) -> None:
+                 target_init: str = 'first_batch', target_average: str = 'var',
+                 sync_mode: str = 'reduce', device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, theta,
                          target_momentum, batch_estimator, update_source_stats, target_init,
                          target_average, device, dtype)
         self.process_group = process_group
+        self.sync_mode = check_sync_mode(sync_mode)
