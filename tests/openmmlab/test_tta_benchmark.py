@@ -119,6 +119,13 @@ log_level = 'WARNING'
     return path
 
 
+def cells_of(result, key):
+    protocol, bs, sev, variant = key.split('|')
+    return next(c for c in result['cells'] if (c['protocol'], c['batch_size'], c['severity'],
+                                               c['variant']) == (protocol, int(bs), int(sev),
+                                                                 variant))
+
+
 def test_benchmark_tool_matches_test_time_adapt_loop(tmp_path):
     config = _config(tmp_path)
     torch.manual_seed(0)
@@ -144,6 +151,12 @@ def test_benchmark_tool_matches_test_time_adapt_loop(tmp_path):
     assert set(cells) == {('episodic', m) for m in methods} | \
         {('continual', m) for m in methods if m != 'source'}
     assert result['versions']['torch'] == torch.__version__
+    # tables again from the saved cells, nothing run; a corruption subset of them
+    again = tool.main(['--config', str(config), '--seeds', '0', '--work-dir', str(work),
+                       '--corruptions', 'contrast', '--aggregate-only', '--no-plots'])
+    assert len(again['cells']) == len(methods)  # the continual stream was of two corruptions
+    for key, s in again['summary'].items():
+        assert s['mean'] == cells_of(result, key)['errors']['contrast']
 
     # Episodic: each corruption is one TestTimeAdaptLoop run from the checkpoint.
     for method in methods:
