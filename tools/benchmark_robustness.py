@@ -189,6 +189,7 @@ def corrupted_loader_cfg(loader_cfg: dict, corruption: str, severity: int, seed:
     cfg = copy.deepcopy(loader_cfg)
     try:
         set_corruption(cfg['dataset'], corruption, severity)
+        return cfg, False
     except ValueError:
         pipeline = list(cfg['dataset'].get('pipeline') or [])
         loads = [i for i, t in enumerate(pipeline) if str(t.get('type', '')).startswith('Load')]
@@ -196,7 +197,22 @@ def corrupted_loader_cfg(loader_cfg: dict, corruption: str, severity: int, seed:
         pipeline.insert(at, dict(type='ImageNetCorruption', corruption=corruption,
                                  severity=severity, seed=seed))
         cfg['dataset']['pipeline'] = pipeline
-    return cfg
+    return cfg, True
+
+
+def corrupted_loader(loader_cfg, test_set, corruption, severity, seed):
+    """The dataloader of ``corrupted_loader_cfg``; when only the pipeline changes, the
+    already loaded test set with that pipeline (loading it again for each of the 55
+    corruption conditions would cost more than evaluating them)."""
+    from mmengine.dataset import BaseDataset, Compose
+    from mmengine.runner import Runner
+
+    cfg, pipeline_only = corrupted_loader_cfg(loader_cfg, corruption, severity, seed)
+    if pipeline_only and isinstance(test_set, BaseDataset):  # not a dataset wrapper
+        dataset = copy.copy(test_set)  # shares the loaded samples, read only
+        dataset.pipeline = Compose(cfg['dataset']['pipeline'])
+        cfg = dict(cfg, dataset=dataset)
+    return Runner.build_dataloader(cfg)
 
 
 def write_json(path: str, data) -> None:
@@ -209,8 +225,6 @@ def write_json(path: str, data) -> None:
 def evaluate_run(run_dir: str, matrix: dict) -> None:
     """Evaluate a run's final checkpoint on ``matrix`` into RUN_DIR/eval.json; what that
     file already holds for this checkpoint is kept (results are saved after each group)."""
-    from mmengine.runner import Runner
-
     from robustbn.openmmlab.adversarial.attacks import attack_name
     from robustbn.openmmlab.adversarial.evaluate import evaluate_attacks
 
@@ -250,8 +264,8 @@ def evaluate_run(run_dir: str, matrix: dict) -> None:
             key = corruption_key(corruption, severity)
             if key in results:
                 continue
-            loader = Runner.build_dataloader(corrupted_loader_cfg(
-                cfg.test_dataloader, corruption, severity, matrix['seed']))
+            loader = corrupted_loader(cfg.test_dataloader, loop.dataloader.dataset, corruption,
+                                      severity, matrix['seed'])
             run_attacks(loader, [dict(type='VANILA', name=key)])  # VANILA: the images as given
     save()
 
@@ -664,7 +678,8 @@ class Progress:
 
 
 def process(run, args, matrix, matrix_path, progress, slot) -> bool:
-    """Train (unless finished) and evaluate (unless done) one run; True when it is done."""
+    """Train (unless finished) and evaluate (unless done) one run: True when it is done,
+    False when it failed, None when --collect finds it unfinished."""
     if not args.collect:
         if not run.trained():
             env, cmd = train_command(run, args, slot)
@@ -682,7 +697,7 @@ def process(run, args, matrix, matrix_path, progress, slot) -> bool:
             progress.line(run, 'trained (kept)')
     elif not run.trained():
         progress.line(run, 'not finished', done=True)
-        return False
+        return None
     if args.train_only:
         progress.line(run, 'done (not evaluated: --train-only)', done=True)
         return True
@@ -748,19 +763,20 @@ def main(argv=None) -> int:
     progress.bar.close()
     wall = time.time() - start
 
+    failed = ok.count(False)  # unfinished runs under --collect are no error
     if args.train_only:
-        print(f'{sum(ok)}/{len(runs)} runs trained in {wall:.0f} s')
-        return 0 if all(ok) else 1
+        print(f'{ok.count(True)}/{len(runs)} runs trained in {wall:.0f} s')
+        return 1 if failed else 0
     table = aggregate(args, variants, runs, matrix)
     table['wall_seconds'] = round(wall, 1)
     write_json(osp.join(args.work_dir, 'results.json'), table)
     with open(osp.join(args.work_dir, 'report.md'), 'w') as f:
         f.write(report(table))
     pngs = plot(table, args.work_dir)
-    print(f'{sum(ok)}/{len(runs)} runs done in {wall:.0f} s; wrote '
+    print(f'{ok.count(True)}/{len(runs)} runs done in {wall:.0f} s; wrote '
           f'{osp.join(args.work_dir, "results.json")}, report.md, ' + ', '.join(
               osp.basename(p) for p in pngs))
-    return 0 if all(ok) else 1
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -126,8 +126,9 @@ def test_rerun_keeps_finished_work_and_redoes_a_deleted_run(matrix):
     got = states(bench(work, '--seeds', '0', '1'))
     assert got.pop(('classic', 1)) == ['training', 'trained', 'evaluating', 'evaluated']
     assert all(seq == ['trained (kept)', 'evaluated (kept)'] for seq in got.values()), got
-    after = mtimes(work)
-    assert {p: t for p, t in after.items() if 'classic/seed1' not in str(p)} == before
+    def others(times):
+        return {p: t for p, t in times.items() if 'classic/seed1' not in str(p)}
+    assert others(mtimes(work)) == others(before)
 
 
 def test_collect_evaluates_and_aggregates_what_exists(matrix):
