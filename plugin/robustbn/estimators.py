@@ -43,8 +43,9 @@ def _log(v: Tensor) -> Tensor:
 
 
 def finite_channels(m: Tensor, v: Tensor) -> Tensor:
-    """The channels whose batch statistics are finite (a bool C-vector)."""
-    return torch.isfinite(m) & torch.isfinite(v)
+    """The channels where both C-vectors are finite (a bool C-vector): m * 0 + v * 0 is 0
+    there and NaN elsewhere; 3 ops where isfinite & isfinite takes 9."""
+    return torch.mul(m, 0).add_(v, alpha=0) == 0
 
 
 def _channel_set(u: Tensor, mask: Optional[Tensor]):

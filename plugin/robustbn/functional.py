@@ -239,7 +239,7 @@ def update_running(updates, mu: Tensor, var_unbiased: Tensor, n,
 def count_nonfinite(nonfinite: Optional[Tensor], mu: Tensor, var_unbiased: Tensor) -> Tensor:
     """The channels whose statistics are finite; counts the batch in ``nonfinite`` (if
     given) when one is not."""
-    ok = torch.isfinite(mu) & torch.isfinite(var_unbiased)
+    ok = finite_channels(mu, var_unbiased)
     if nonfinite is not None:
         nonfinite.add_((~ok).any())
     return ok
