@@ -63,6 +63,8 @@ VARIANTS: Dict[str, dict] = {
     'gprebn-init_source': _gprebn(target_init='source'),
     'gprebn-std': _gprebn(target_average='std'),
     'gprebn-init_source-std': _gprebn(target_init='source', target_average='std'),
+    'gprebn-mom0.2': _gprebn(target_momentum=0.2),
+    'gprebn-mom0.5': _gprebn(target_momentum=0.5),
     'gprebn-theta0.9': _gprebn(theta=0.9),
     'gprebn-theta0.5': _gprebn(theta=0.5),
     # James-Stein shrunk batch statistics (not a published method): Efron-Morris toward
