@@ -163,10 +163,12 @@ def final_checkpoint(cfg) -> str:
 def eval_matrix(args, metric_hint=None) -> dict:
     """The attacks (adv_test.py's sweep: 'clean', FGSM/PGD per eps, noise per sigma) and the
     corruptions x severities every checkpoint is evaluated on."""
+    # Clean images are always evaluated: the eps/sigma 0 point of every curve.
     sweep = argparse.Namespace(
         attacks=[a for a in ('FGSM', 'PGD') if a.lower() in args.eval],
-        eps=list(args.eps), pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha,
-        noise=[n for n in ('cauchy', 'gaussian') if n in args.eval], sigmas=list(args.sigmas))
+        eps=[0] + list(args.eps), pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha,
+        noise=[n for n in ('cauchy', 'gaussian') if n in args.eval],
+        sigmas=[0] + list(args.sigmas))
     attacks, curves = sweep_attacks(sweep)
     corruptions = list(args.corruptions) if 'corruptions' in args.eval else []
     return dict(attacks=attacks, curves={k: [[x, n] for x, n in pts] for k, pts in curves.items()},
@@ -449,8 +451,7 @@ def columns(matrix) -> list:
     """(table title, [(metric key, column title)], lower is better)."""
     cols = []
     curves = matrix['curves']
-    adv = [(CLEAN, 'clean')] if any(n == CLEAN for p in curves.values() for _, n in p) or \
-        any(a.get('name') == CLEAN for a in matrix['attacks']) else []
+    adv = [(CLEAN, 'clean')]
     for kind in ('FGSM', 'PGD'):
         adv += [(n, f'{kind} {x:g}') for x, n in curves.get(kind, []) if n != CLEAN]
     if adv:
