@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import os.path as osp
+import shlex
 import subprocess
 import sys
 import threading
@@ -325,7 +326,6 @@ def train_command(run: Run, args, slot: int):
 
 
 def quote(argv) -> str:
-    import shlex
     return ' '.join(shlex.quote(str(a)) for a in argv)
 
 

@@ -219,11 +219,12 @@ def test_torchrun_command_lines(tool, capsys, tmp_path):
     (['--variants', 'BN', 'papr'], "unknown variant 'papr'"),
     (['--seeds'], '--seeds is empty'),
     (['--variants', 'BN', 'BN'], "variant 'BN' given twice"),
-    (['--variant-options', 'wacv', 'a=1'], "--variant-options wacv: not among --variants"),
+    (['--variants', 'BN', 'paper', '--variant-options', 'wacv', 'a=1'],
+     '--variant-options wacv: not among --variants'),
 ])
 def test_bad_input_fails_before_training(tool, capsys, tmp_path, args, message):
-    with pytest.raises(SystemExit) as exc:
-        tool.main([str(BASE), '--work-dir', str(tmp_path), *args])
+    with pytest.raises(SystemExit) as exc:  # --dry-run: a missed error trains nothing
+        tool.main([str(BASE), '--work-dir', str(tmp_path), '--dry-run', *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -232,6 +233,6 @@ def test_bad_input_fails_before_training(tool, capsys, tmp_path, args, message):
 def test_config_without_norm_layers_fails_before_training(tool, capsys, tmp_path):
     cfg = write_toy_cfg(tmp_path)
     with pytest.raises(SystemExit):
-        tool.main([str(cfg), '--work-dir', str(tmp_path / 'work')])
+        tool.main([str(cfg), '--work-dir', str(tmp_path / 'work'), '--dry-run'])
     assert 'no norm_cfg under model' in capsys.readouterr().err
     assert not (tmp_path / 'work').exists()
