@@ -463,7 +463,7 @@ def markdown(result: dict) -> str:
 
 COMPARISONS = (('gprebn', 'tent'), ('gprebn', 'bn_adapt'), ('gprebn', 'gprebn-init_source'),
                ('gprebn-std', 'gprebn'), ('gprebn-js', 'gprebn'),
-               ('gprebn-js_paper', 'gprebn'), ('tent', 'bn_adapt'))
+               ('gprebn-js_paper', 'gprebn'), ('gprebn-mom0.2', 'tent'), ('tent', 'bn_adapt'))
 
 
 def comparisons(cells, corruptions, sev) -> List[dict]:
@@ -499,10 +499,11 @@ def plots(result: dict, work_dir: str) -> List[str]:
                                 marker='o', capsize=3, label=v)
             ax.set(xscale='log', title=f'{protocol}, severity {sev}', xlabel='test batch size',
                    ylabel='top-1 error (%), mean over corruptions')
+            ax.minorticks_off()  # the batch sizes as the only tick labels
             ax.set_xticks(st['batch_sizes'], [str(b) for b in st['batch_sizes']])
             ax.grid(alpha=0.3)
-        if axes[0][-1].get_legend_handles_labels()[0]:
-            axes[0][-1].legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         path = osp.join(work_dir, 'tta_benchmark_batch_size.png')
         fig.savefig(path, dpi=100)
