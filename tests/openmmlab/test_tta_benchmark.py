@@ -169,6 +169,7 @@ def test_benchmark_tool_matches_test_time_adapt_loop(tmp_path):
                                 optimizer=spec.get('optimizer'),
                                 norm_kwargs=spec.get('norm_kwargs'))
             cfg.work_dir = str(tmp_path / 'runs' / f'{method}_{corruption}')
+            cfg.experiment_name = f'{method}_{corruption}'  # unique mmengine instance names
             cfg.load_from = str(ckpt)
             runner = Runner.from_cfg(cfg)
             hook = _Predictions()
