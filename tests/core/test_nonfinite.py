@@ -102,7 +102,7 @@ def _rest(layer, c=7):
 
 def _kwargs(layer):
     if isinstance(layer, robustbn.GpreBatchNorm):
-        return ('theta', 'target_momentum', 'batch_estimator')
+        return ('theta', 'target_momentum', 'batch_estimator', 'target_init', 'target_average')
     return ('estimator',)
 
 
@@ -137,13 +137,21 @@ def test_nonfinite_channel_stays_alone(estimator, kind):
     assert torch.isfinite(layer.eval()(torch.randn(4, 8, 3, 3, dtype=torch.float64))).all()
 
 
+@pytest.mark.parametrize('started', [True, False], ids=['average_started', 'first_batch'])
 @pytest.mark.parametrize('batch_estimator', ['sample', 'paper', 'classic'])
-def test_gprebn_keeps_nonfinite_channels_out_of_its_averages(batch_estimator):
+def test_gprebn_keeps_nonfinite_channels_out_of_its_averages(batch_estimator, started):
+    """A non-finite channel keeps its test-time average (an average in progress) or starts
+    it at the source statistics (target_init='first_batch', the first batch); the other
+    channels are as without it; the batch is counted once."""
     layer = _layer(robustbn.GpreBN2d, 8, theta=0.7, target_momentum=0.3,
                    batch_estimator=batch_estimator, update_source_stats=True).train()
+    layer.target_initialized.fill_(started)
     rest = _rest(layer)
     rest.update_source_stats = True
+    source = layer.running_mean[0].clone(), layer.running_var[0].clone()
     old = [t[0].clone() for t in (layer.target_mean, layer.target_var, layer.running_mean)]
+    if not started:
+        old[:2] = source
     x = _poisoned('nan')
     y, yr = layer(x), rest(x[:, 1:])
     torch.testing.assert_close(y[:, 1:], yr, **OUT)
