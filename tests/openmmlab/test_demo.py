@@ -20,3 +20,4 @@ def test_demo_writes_metrics_and_plots(tmp_path):
     for png in ('demo.png', 'shrinkage.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
     assert f'metrics: {tmp_path / "metrics.json"}' in proc.stdout
+    assert 'not a result' in proc.stdout and 'tools/benchmark_robustness.py' in proc.stdout
