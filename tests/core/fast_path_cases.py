@@ -361,8 +361,8 @@ def _():
         try:
             with _tuning(**FEW_SYNC_ROWS):
                 for est in ESTIMATORS:
-                    for cl, dtype, tol in ((False, torch.float64, F64['out']),
-                                           (True, torch.float32, F32['out'])):
+                    for cl, dtype, tols in ((False, torch.float64, F64),
+                                            (True, torch.float32, F32)):
                         x = _input((4, 6, 5, 3), dtype, cl=cl)
                         g = torch.randn(x.shape, dtype=dtype)
                         res = []
@@ -386,7 +386,7 @@ def _():
                             for key, a, b_ in zip(('y', 'x_grad', 'w', 'b', 'rm', 'rv'), got,
                                                   res[2]):
                                 _close(f'{est} {key}', a.detach(), b_.detach(),
-                                       tol if key not in ('rm', 'rv') else F64['buf'])
+                                       tols['buf' if key in ('rm', 'rv') else 'out'])
         finally:
             dist.all_gather_into_tensor, dist.all_reduce = saved
 
