@@ -254,3 +254,15 @@ def write_cfg(directory: Path, text: str, name: str = 'toy_ds.py') -> Path:
 def dist_train(cfg, work, nproc=2, *args, **env):
     return run(['bash', 'tools/dist_train.sh', cfg, nproc, '--work-dir', work, *args],
                tool_env(PORT=free_port(), **env))
+
+
+# A tiny ResNet9 classifier of the digits (test-time adaptation tests).
+DIGITS_SIZE = 16  # digits resized to 16x16: fast, and ResNet9's last stage is still 2x2
+DIGITS_MODEL = dict(
+    type='ImageClassifier',
+    data_preprocessor=dict(type='ImgDataPreprocessor', mean=[0.] * 3, std=[255.] * 3,
+                           bgr_to_rgb=True),
+    backbone=dict(type='CifarResNet', depth=9, stem_channels=8, base_channels=8,
+                  zero_init_residual=False, init_cfg=[],
+                  norm_cfg=dict(type='BN', requires_grad=True)),
+    head=dict(in_channels=64, num_classes=10))

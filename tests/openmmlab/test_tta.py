@@ -43,16 +43,9 @@ from robustbn.openmmlab import tta  # noqa: E402  (not its Test* class: pytest w
 from robustbn.openmmlab.tta import Adapter, entropy_sum  # noqa: E402
 
 TIMEOUT = 240
-SIZE = 16  # digits resized to 16x16: fast, and ResNet9's last stage is still 2x2
+SIZE = helpers.DIGITS_SIZE
 PIPE = [dict(type='PackClsInputs')]
-MODEL = dict(
-    type='ImageClassifier',
-    data_preprocessor=dict(type='ImgDataPreprocessor', mean=[0.] * 3, std=[255.] * 3,
-                           bgr_to_rgb=True),
-    backbone=dict(type='CifarResNet', depth=9, stem_channels=8, base_channels=8,
-                  zero_init_residual=False, init_cfg=[],
-                  norm_cfg=dict(type='BN', requires_grad=True)),
-    head=dict(in_channels=64, num_classes=10))
+MODEL = helpers.DIGITS_MODEL
 GPREBN = dict(type='TestTimeAdaptLoop', method='gprebn',
               optimizer=dict(type='SGD', lr=2.5e-4, momentum=0.9), steps=1, episodic=False,
               norm_kwargs=dict(theta=1.0, target_momentum=0.05, batch_estimator='sample'))

@@ -22,6 +22,8 @@ from torch import nn
 
 pytest.importorskip('mmcv._ext', reason='CifarResNet needs compiled mmcv')
 
+from helpers import DIGITS_MODEL as MODEL  # noqa: E402
+from helpers import DIGITS_SIZE as SIZE  # noqa: E402
 from helpers import load_tool  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
@@ -31,16 +33,6 @@ from mmengine.runner import Runner  # noqa: E402
 import robustbn  # noqa: E402,F401  (registers everything)
 from robustbn.openmmlab.datasets import CORRUPTIONS, DigitsC, DigitsDataset  # noqa: E402
 from robustbn.openmmlab.tta import configure_model, entropy_sum  # noqa: E402
-
-SIZE = 16  # digits at 16x16: fast, and ResNet9's last stage is still 2x2
-MODEL = dict(
-    type='ImageClassifier',
-    data_preprocessor=dict(type='ImgDataPreprocessor', mean=[0.] * 3, std=[255.] * 3,
-                           bgr_to_rgb=True),
-    backbone=dict(type='CifarResNet', depth=9, stem_channels=8, base_channels=8,
-                  zero_init_residual=False, init_cfg=[],
-                  norm_cfg=dict(type='BN', requires_grad=True)),
-    head=dict(in_channels=64, num_classes=10))
 
 
 @pytest.fixture(scope='module', autouse=True)
