@@ -197,13 +197,14 @@ def test_model_config_builds_with_syncjsbn_and_converts_to_gprebn(name):
         assert m.weight.requires_grad and torch.isfinite(m.weight.grad).all()
         assert int(m.num_batches_tracked) == 1
 
-    # GpreBN from the built BN model: an unadapted GpreBN normalizes with the source
-    # statistics, so in training mode (test-time adaptation) it gives BN's eval logits.
+    # GpreBN from the built BN model: an unadapted GpreBN whose test-time average starts at
+    # the source statistics normalizes with them, so in training mode (test-time
+    # adaptation) it gives BN's eval logits.
     with torch.no_grad():
         bn.train()(torch.randn(8, 3, size, size), mode='tensor')  # source statistics
         ref = bn.eval()(x, mode='tensor')
         before = {k: v.clone() for k, v in bn.state_dict().items()}
-        robustbn.convert_norm(bn, 'GpreBN')
+        robustbn.convert_norm(bn, 'GpreBN', target_init='source')
         assert {type(m) for m in norm_layers(bn)} == {GpreBN2d}
         state = bn.state_dict()
         assert before.keys() <= state.keys()
