@@ -41,10 +41,6 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce_dims(x: Tensor):
-    return [0] + list(range(2, x.dim()))
-
-
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """A C-vector shaped to broadcast against x (N, C, ...)."""
     return v.view([1, -1] + [1] * (x.dim() - 2))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import comm
 from ..estimators import ESTIMATORS, shrinkage_factors
-from ..functional import count_nonfinite, update_running
+from ..functional import count_nonfinite, stat_dtype, update_running
 from . import INTERPRETING
 from . import kernels as K
 from . import vector_kernels as V
@@ -30,10 +30,6 @@ from . import vector_kernels as V
 TUNING = dict(reduce_tile=2048, affine_tile=4096, programs_per_sm=8, max_splits=256,
               sync_rows_x_channels=4096, min_sync_rows=2, max_sync_rows=64)
 FOR_LOOP = not INTERPRETING
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pow2(n: int) -> int:
