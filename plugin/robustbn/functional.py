@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import comm, fast
+from . import comm, fast, lean
 from .estimators import Estimator, EstimatorSpec, finite_channels, shrinkage_factors
 
 
@@ -44,6 +44,21 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """A C-vector shaped to broadcast against x (N, C, ...)."""
     return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+# 1 + eps == 1 in float32 and float64: a variance of 1 normalizes by exactly 1.
+_UNIT_EPS = 1e-30
+_ONES = {}
+
+
+def _ones(m: Tensor) -> Tensor:
+    """A C-vector of ones like m (on CPU from a cache: one op less per backward)."""
+    if not lean.applies(m):
+        return torch.ones_like(m)
+    key = (m.numel(), m.dtype)
+    if key not in _ONES:
+        _ONES[key] = torch.ones_like(m)
+    return _ONES[key]
 
 
 def local_moments(x: Tensor):
@@ -153,7 +168,11 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                  nonfinite, sync_mode) -> Tensor:
         n, m, v = batch_moments(x, group, sync_mode)
         with torch.no_grad():
-            mu, var = estimator(m, v, n, finite_channels(m, v))
+            host = lean.forward(estimator, m, v, n) if lean.applies(m) else None
+            if host is None:
+                mu, var = estimator(m, v, n, finite_channels(m, v))
+            else:
+                mu, var, host = host
             if record is not None:  # on request only: a few small kernels, no host sync
                 record.append(shrinkage_factors(m, v, mu, var))
         out_mu, out_var = (mu, var) if ref_stats is None else \
@@ -162,13 +181,16 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
         # Output pass: batch norm's own fused inference kernel with the statistics used.
         y = normalize(x, out_mu, out_var, weight, bias, eps)
 
-        if updates:
+        if updates and host is not None:
+            lean.update_running(updates, mu, var, n)
+        elif updates:
             # A global count of 1 is only possible across ranks (checked locally otherwise).
             bessel = n / (n - 1) if group is None else n / (n - 1).clamp_min(1)
             update_running(updates, mu, var * bessel, n, nonfinite)
 
         ctx.save_for_backward(x, weight, m, v, mu, var, out_mu, out_var)
         ctx.n, ctx.estimator, ctx.group, ctx.eps = n, estimator, group, eps
+        ctx.host = host
         ctx.has_ref = ref_stats is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -178,8 +200,8 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, weight, m, v, mu, var, out_mu, out_var = ctx.saved_tensors
         n, group = ctx.n, ctx.group
-        invstd = torch.rsqrt(var + ctx.eps)
-        out_invstd = torch.rsqrt(out_var + ctx.eps) if ctx.has_ref else invstd
+        invstd = (var + ctx.eps).rsqrt_()
+        out_invstd = (out_var + ctx.eps).rsqrt_() if ctx.has_ref else invstd
         if x.numel():
             # One fused pass for S_g = sum g and S_gx = sum g * (x - out_mu) * out_invstd:
             # the inference-mode BN backward's bias and weight gradients.
@@ -202,16 +224,18 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                 sum_g, sum_gx = sums.chunk(2)
             # weight * out_invstd: the batch-BN gradient with effective weight w sigma_c/sigma
             w = out_invstd if weight is None else out_invstd * weight.to(out_invstd.dtype)
-            d_mu = -w * sum_g
-            d_var = -0.5 * w * invstd * sum_gx
-            dm, dv = ctx.estimator.backward(m, v, n, d_mu, d_var)
-            # dx = g w + k x + c with k = 2 dv/N, c = dm/N - k m: two full-tensor passes
-            # (statistics dtype via promotion). Folding m into c rounds k x at |k m| instead
-            # of |k (x - m)|, as BatchNorm's inference kernel does in forward.
-            k = 2 * dv / n
-            grad_x = torch.addcmul(_bcast(torch.addcmul(dm / n, k, m, value=-1), x), x,
-                                   _bcast(k, x))
-            grad_x = grad_x.addcmul_(grad_out, _bcast(w, x)).to(x.dtype)
+            # dL/dmu_used = -P, dL/dvar_used = -Q / 2
+            p = w * sum_g
+            q = torch.mul(w, invstd).mul_(sum_gx)
+            if ctx.host is not None:
+                k, c = lean.backward(ctx.host, m, v, n, p, q)
+            else:
+                dm, dv = ctx.estimator.backward(m, v, n, -p, -0.5 * q)
+                k, c = 2 * dv / n, dm / n
+            # dx = g w + k (x - m) + c: k (x - m) + c in batch norm's inference kernel
+            # (mean m, variance 1, weight k, bias c), then one addcmul.
+            grad_x = F.batch_norm(x, m, _ones(m), k, c, False, 0.0, _UNIT_EPS)
+            grad_x = grad_x.addcmul_(grad_out, _bcast(w, x))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
