@@ -227,7 +227,8 @@ _FORWARD: Dict[Callable, Callable] = {
     E.wacv: _wacv_forward, E.classic: _classic_forward}
 
 
-def forward(spec: E.EstimatorSpec, m: Tensor, v: Tensor, n) -> Optional[Tuple[Tensor, Tensor, Lean]]:
+def forward(spec: E.EstimatorSpec, m: Tensor, v: Tensor,
+            n) -> Optional[Tuple[Tensor, Tensor, Lean]]:
     """(mean_used, var_used, what the backward needs) of a built-in estimator, or None
     where the reference must answer (see the module docstring). ``n`` may be a 0-dim
     (CPU) tensor; running statistics (var_used N/(N-1)) stay finite when this answers."""
