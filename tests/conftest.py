@@ -14,3 +14,12 @@ def cityscapes(tmp_path_factory):
     each in train and val."""
     return write_cityscapes(tmp_path_factory.mktemp('cityscapes'),
                             splits=(('train', 2), ('val', 2)), size=(128, 256))
+
+
+@pytest.fixture(params=['lean', 'reference'])
+def scalar_path(request):
+    """Runs a test on both CPU paths of the layers: the lean one (per-layer scalars read on
+    the host, the CPU default) and the reference (scalars on the device, as on a GPU)."""
+    from robustbn import lean
+    with lean.lean_path(request.param == 'lean'):
+        yield request.param

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -266,3 +267,20 @@ DIGITS_MODEL = dict(
                   zero_init_residual=False, init_cfg=[],
                   norm_cfg=dict(type='BN', requires_grad=True)),
     head=dict(in_channels=64, num_classes=10))
+
+
+# ----------------------------------------------------------------------------- op counts
+class AtenOps(TorchDispatchMode):
+    """Counts the ATen ops that do arithmetic (about one CUDA kernel each)."""
+    NO_KERNEL = ('view', 'empty', 'detach', 'alias', 'as_strided', 'expand', 'squeeze',
+                 'slice', 'select', 'permute', 'transpose', 'split', 'chunk', 'lift_fresh',
+                 'unbind', 'reshape', 'is_same_size', '_local_scalar_dense')
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not any(k in str(func) for k in self.NO_KERNEL):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

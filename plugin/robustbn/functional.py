@@ -26,7 +26,6 @@ This module is the reference implementation (plain torch, any device). On CUDA,
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -105,12 +104,9 @@ def batch_moments(x: Tensor, group=None, sync_mode: str = 'reduce'):
     return n, rows[0, 1:c + 1], rows[0, c + 1:] / n.clamp_min(1)
 
 
-def _no_autocast(x: Tensor):
-    """Autocast off: statistics are float32/float64 by construction, the output x's dtype."""
+def _autocast_on(x: Tensor) -> bool:
     dev = x.device.type
-    if torch.amp.is_autocast_available(dev):
-        return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -158,10 +154,12 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                 estimator: EstimatorSpec, eps: float, group, updates, ref_stats,
                 record: Optional[list], nonfinite: Optional[Tensor],
                 sync_mode: str = 'reduce') -> Tensor:
-        with _no_autocast(x):
-            return ShrunkBatchNormFunction._forward(ctx, x, weight, bias, estimator, eps, group,
-                                                    updates, ref_stats, record, nonfinite,
-                                                    sync_mode)
+        args = (ctx, x, weight, bias, estimator, eps, group, updates, ref_stats, record,
+                nonfinite, sync_mode)
+        if _autocast_on(x):  # statistics are float32/float64 by construction
+            with torch.autocast(x.device.type, enabled=False):
+                return ShrunkBatchNormFunction._forward(*args)
+        return ShrunkBatchNormFunction._forward(*args)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, estimator, eps, group, updates, ref_stats, record,
@@ -196,8 +194,13 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():  # create_graph: a second backward must raise
+            return _backward_once(ctx, grad_out)
+        return _backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         x, weight, m, v, mu, var, out_mu, out_var = ctx.saved_tensors
         n, group = ctx.n, ctx.group
         invstd = (var + ctx.eps).rsqrt_()
@@ -237,6 +240,10 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             grad_x = F.batch_norm(x, m, _ones(m), k, c, False, 0.0, _UNIT_EPS)
             grad_x = grad_x.addcmul_(grad_out, _bcast(w, x))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+_backward = ShrunkBatchNormFunction._backward
+_backward_once = torch.autograd.function.once_differentiable(_backward)
 
 
 def update_running(updates, mu: Tensor, var_unbiased: Tensor, n,

@@ -38,7 +38,7 @@ def _x(shape=(4, 5, 3, 3), seed=1):
 
 
 @pytest.mark.parametrize('estimator', ESTIMATORS)
-def test_gradcheck(estimator):
+def test_gradcheck(estimator, scalar_path):
     """float64 check of the Function's gradients. Weight and bias: plain gradcheck (the
     value is exact in them). Input: the stop-gradients make the gradient differ from the
     value's on purpose, so compare the Jacobian our backward gives with central finite

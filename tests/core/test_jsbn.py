@@ -26,7 +26,7 @@ def _input(shape, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize('estimator', ESTIMATORS)
 @pytest.mark.parametrize('shape', [(4, 5, 3, 3), (7, 6), (3, 4, 2, 2, 2)])
-def test_gradcheck_function(estimator, shape):
+def test_gradcheck_function(estimator, shape, scalar_path):
     x = _input(shape).requires_grad_()
     c = shape[1]
     w = torch.linspace(0.5, 1.5, c, dtype=torch.float64).requires_grad_()
@@ -39,7 +39,7 @@ def test_gradcheck_function(estimator, shape):
 
 
 @pytest.mark.parametrize('estimator', ESTIMATORS)
-def test_gradcheck_without_affine(estimator):
+def test_gradcheck_without_affine(estimator, scalar_path):
     x = _input((5, 4, 2, 3)).requires_grad_()
     est = robustbn.get_estimator(estimator)
     assert torch.autograd.gradcheck(

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import free_port, gloo_group
 
-from robustbn import ESTIMATORS, JSBN1d, JSBN2d, JSBN3d, SyncJSBN
+from robustbn import ESTIMATORS, JSBN1d, JSBN2d, JSBN3d, SyncJSBN, lean
 
 C = 6
 EPS = 1e-5
@@ -45,9 +45,10 @@ TRAIN_3D = ('3d', (2, 2, 2), 0.1, 'running', (500,))
 CUMAVG = ('cumavg', (3, 3), None, 'running', (600, 601, 602))
 
 WORLDS = {1: [4], 2: [3, 5], 3: [2, 0, 4], 4: [3, 0, 1, 4]}  # per-rank batch sizes
-# (world, sync_mode) of the spawns: the default everywhere, the gather mode at 2 and 3
-SPAWNS = [(1, 'reduce'), (2, 'reduce'), (2, 'gather'), (3, 'reduce'), (3, 'gather'),
-          (4, 'reduce')]
+# (world, sync_mode, lean) of the spawns: the default everywhere, the gather mode at 2 and
+# 3, and once the per-layer scalars on the device (lean=False, as on a GPU)
+SPAWNS = [(1, 'reduce', True), (2, 'reduce', True), (2, 'gather', True), (3, 'reduce', True),
+          (3, 'gather', True), (4, 'reduce', True), (3, 'reduce', False)]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,9 +191,10 @@ def _large_mean_numerics(sizes, rank: int, mode: str):
             'var': layer.running_var.clone()}
 
 
-def _worker(rank: int, world: int, port: int, sizes, mode: str, out_dir: str):
+def _worker(rank: int, world: int, port: int, sizes, mode: str, on: bool, out_dir: str):
     torch.set_num_threads(1)
-    with gloo_group(rank, world, port, timeout=datetime.timedelta(seconds=60)):
+    with gloo_group(rank, world, port, timeout=datetime.timedelta(seconds=60)), \
+            lean.lean_path(on):
         if world == 1:
             # One rank: SyncJSBN must take the local path (no collective at all).
             with _no_collectives():
@@ -253,13 +255,14 @@ def reference():
     return get
 
 
-@pytest.fixture(scope='module', params=SPAWNS, ids=lambda p: f'world{p[0]}-{p[1]}')
+@pytest.fixture(scope='module', params=SPAWNS,
+                ids=lambda p: f'world{p[0]}-{p[1]}' + ('' if p[2] else '-device-scalars'))
 def synced(request, tmp_path_factory):
     """(world, sizes, per-rank results) from one spawn of `world` gloo processes."""
-    world, mode = request.param
+    world, mode, on = request.param
     sizes = WORLDS[world]
-    out_dir = tmp_path_factory.mktemp(f'sync_world{world}_{mode}')
-    mp.spawn(_worker, args=(world, free_port(), sizes, mode, str(out_dir)), nprocs=world,
+    out_dir = tmp_path_factory.mktemp(f'sync_world{world}_{mode}_{on}')
+    mp.spawn(_worker, args=(world, free_port(), sizes, mode, on, str(out_dir)), nprocs=world,
              join=True)
     ranks = [torch.load(out_dir / f'rank{r}.pt', weights_only=False) for r in range(world)]
     return world, sizes, ranks

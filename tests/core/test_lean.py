@@ -1,0 +1,202 @@
+"""The lean path (robustbn.lean, the default for CPU tensors) against the reference path
+(per-layer scalars on the device, the test oracle): the same outputs, gradients, running
+statistics and non-finite counts; the calls it hands to the reference; its op counts."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, AtenOps
+from test_fast_path import VJP_CASES, _vjp_inputs
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import robustbn
+from robustbn import lean
+from robustbn.functional import batch_moments, shrunk_batch_norm
+
+ESTIMATORS = sorted(robustbn.ESTIMATORS)
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=3e-5, atol=3e-6)}
+
+
+def _input(shape, dtype=torch.float64, seed=0):
+    """Channels with different means and scales (the estimators have something to do)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    scale = (torch.rand(c, generator=g, dtype=dtype) * 3 + 0.1).view(view)
+    shift = torch.randn(c, generator=g, dtype=dtype).view(view)
+    return torch.randn(shape, generator=g, dtype=dtype) * scale + shift
+
+
+def _run(x, est, on, affine=True, ref=False, seed=1):
+    """[y, input/weight/bias gradients, running mean, running var, non-finite count] of one
+    training call on the lean (on) or reference path."""
+    c, dt = x.size(1), x.dtype
+    g = torch.Generator().manual_seed(seed)
+    x = x.clone().requires_grad_()
+    w = (torch.rand(c, generator=g, dtype=dt) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, generator=g, dtype=dt).requires_grad_() if affine else None
+    rm = torch.randn(c, generator=g, dtype=dt)
+    rv = torch.rand(c, generator=g, dtype=dt) + 0.5
+    ref_stats = (torch.randn(c, generator=g, dtype=dt),
+                 torch.rand(c, generator=g, dtype=dt) + 0.5) if ref else None
+    grad = torch.randn(x.shape, generator=g, dtype=dt)
+    counter = torch.zeros((), dtype=torch.long)
+    with lean.lean_path(on):
+        y = shrunk_batch_norm(x, w, b, rm, rv, robustbn.ESTIMATORS[est], 1e-5, 0.1,
+                              ref_stats=ref_stats, nonfinite=counter)
+        grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], grad)
+    return [y, *grads, rm, rv, counter]
+
+
+def _takes_lean(x, est) -> bool:
+    n, m, v = batch_moments(x)
+    return lean.forward(robustbn.ESTIMATORS[est], m, v, n) is not None
+
+
+def _assert_same(x, est, **kw):
+    got, want = _run(x, est, True, **kw), _run(x, est, False, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, **TOL.get(x.dtype, {}))
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('shape', [(8, 5), (4, 6, 3, 5), (3, 7, 2, 2, 2), (2, 144, 3, 4)])
+@pytest.mark.parametrize('est', ESTIMATORS)
+def test_matches_the_reference(est, shape, dtype):
+    x = _input(shape, dtype)
+    assert _takes_lean(x, est)
+    _assert_same(x, est)
+
+
+@pytest.mark.parametrize('est', ESTIMATORS)
+def test_matches_the_reference_without_affine_and_with_reference_statistics(est):
+    x = _input((4, 6, 3, 5))
+    _assert_same(x, est, affine=False)
+    _assert_same(x, est, ref=True)  # GpreBN
+
+
+@pytest.mark.parametrize('est', ESTIMATORS)
+def test_bfloat16_input_matches_the_reference(est):
+    # float32 statistics; the input gradient's two passes round to bfloat16 in between
+    x = _input((4, 6, 3, 5), torch.float32).bfloat16()
+    got, want = _run(x, est, True), _run(x, est, False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def _with(case, dtype=torch.float64):
+    x = _input((4, 6, 3, 5), dtype)
+    if case == 'nan_channel':
+        x[:, 1] = float('nan')
+    elif case == 'inf_value':
+        x[0, 2, 0, 0] = float('inf')
+    elif case == 'zero_variance':
+        x[:, 3] = 0.25
+    elif case == 'subnormal_variance':  # v ~ 1e-320: below float64's smallest normal number
+        x[:, 3] = 0.25 + 1e-160 * torch.randn(4, 3, 5, dtype=dtype)
+    elif case == 'overflowing_variance':  # float32 v ~ 1e38: N/(N-1) v would overflow
+        x[:, 4] *= 1.2e19
+    return x
+
+
+# Which estimators take the lean path in each case (the others fall back).
+FALLBACK_CASES = {
+    'nan_channel': (), 'inf_value': (), 'overflowing_variance': (),
+    'zero_variance': ('none', 'paper_mean', 'wacv'),  # no log of the variances
+    'subnormal_variance': ('none', 'paper_mean', 'wacv'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(FALLBACK_CASES))
+@pytest.mark.parametrize('est', ESTIMATORS)
+def test_hands_back_to_the_reference_where_only_it_answers(est, case):
+    x = _with(case, torch.float32 if case == 'overflowing_variance' else torch.float64)
+    assert _takes_lean(x, est) == (est in FALLBACK_CASES[case])
+    _assert_same(x, est)
+
+
+@pytest.mark.parametrize('case', VJP_CASES)
+@pytest.mark.parametrize('c', [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize('est', ESTIMATORS)
+def test_c_vector_math_equals_the_estimators_and_their_vjps(est, c, case):
+    """The per-layer math alone, at the estimators' edge cases (zero or constant means and
+    variances, a count of 2 where 'classic' clamps, fewer channels than the estimator needs)."""
+    m, v, n, d_mu, d_var = _vjp_inputs(case, c)
+    if case == 'count_two':
+        n = 2.0
+    spec = robustbn.ESTIMATORS[est]
+    out = lean.forward(spec, m, v, n)
+    if case == 'zero_variance' and est in ('paper', 'classic') and spec.shrinks(c):
+        assert out is None  # the reference clamps log 0
+        return
+    assert out is not None
+    mu, var, state = out
+    want_mu, want_var = spec(m, v, n)
+    torch.testing.assert_close(mu, want_mu, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(var, want_var, rtol=1e-12, atol=1e-14)
+    # dL/dmean_used = -P, dL/dvar_used = -Q/2 -> k = 2 dL/dv / N, c = dL/dm / N
+    k, cvec = lean.backward(state, m, v, n, -d_mu, -2 * d_var)
+    dm, dv = spec.backward(m, v, n, d_mu, d_var)
+    n = float(n)
+    torch.testing.assert_close(k, 2 * dv / n, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cvec, dm / n, rtol=1e-10, atol=1e-12)
+
+
+# The issue's budget for the default path: 'paper' <= 12 forward and <= 20 backward,
+# every built-in estimator within twice that.
+OP_BUDGET = {'paper': (12, 20)}
+
+
+@pytest.mark.parametrize('est', ESTIMATORS)
+def test_op_counts_stay_within_budget(est):
+    """ATen ops of one training call with running statistics (as a layer makes it)."""
+    x = _input((2, 18, 4, 8), torch.float32).requires_grad_()
+    w, b = torch.rand(18, requires_grad=True), torch.rand(18, requires_grad=True)
+    rm, rv, counter = torch.zeros(18), torch.ones(18), torch.zeros((), dtype=torch.long)
+    grad = torch.randn(x.shape)
+    with AtenOps() as fwd:
+        y = shrunk_batch_norm(x, w, b, rm, rv, robustbn.ESTIMATORS[est], 1e-5, 0.1,
+                              nonfinite=counter)
+    with AtenOps() as bwd:
+        torch.autograd.grad(y, (x, w, b), grad)
+    max_fwd, max_bwd = OP_BUDGET.get(est, (24, 40))
+    assert fwd.count <= max_fwd and bwd.count <= max_bwd, (fwd.count, bwd.count)
+
+
+def test_applies_to_plain_cpu_tensors_only():
+    m = torch.zeros(3)
+    assert lean.applies(m)
+    assert not lean.applies(torch.zeros(3, device='meta'))
+    with FakeTensorMode() as mode:
+        assert not lean.applies(mode.from_tensor(m))
+    with lean.lean_path(False):
+        assert not lean.applies(m)
+    assert lean.applies(m)
+
+
+def test_fake_tensors_take_the_reference_path():
+    """Shape propagation (FakeTensorMode, as torch.compile and FLOP counters use) cannot
+    read scalars: the layer runs there on the reference path."""
+    layer = robustbn.JSBN2d(4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = layer(torch.randn(2, 4, 3, 3))
+    assert y.shape == (2, 4, 3, 3)
+
+
+def test_environment_variable_turns_it_off():
+    code = 'import robustbn.lean as l; print(l.get_lean())'
+    for value, want in (('0', 'False'), ('off', 'False'), ('1', 'True')):
+        env = dict(os.environ, ROBUSTBN_LEAN=value)
+        out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                             text=True, check=True, cwd=ROOT).stdout
+        assert out.strip().splitlines()[-1] == want
+
+
+def test_second_order_gradient_raises():
+    x = _input((4, 5, 2, 2)).requires_grad_()
+    y = robustbn.JSBN2d(5).double()(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        g.sum().backward()
