@@ -32,9 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
 HRNET = ['2,18,128,256', '2,36,64,128', '2,72,32,64', '2,144,16,32']
 RESNET = ['64,64,56,56', '64,256,56,56', '64,512,28,28', '64,1024,14,14', '64,2048,7,7']
-LAYERS = ['bn', 'jsbn', 'jsbn_ref', 'gprebn', 'gprebn_ref', 'syncbn', 'syncjsbn']
+LAYERS = ['bn', 'jsbn', 'jsbn_ref', 'jsbn_dev', 'gprebn', 'gprebn_ref', 'gprebn_dev', 'syncbn',
+          'syncjsbn']
+# _ref: the fast path off (on CPU that is the lean path, robustbn/lean.py); _dev: the
+# reference path with its per-layer scalars on the device (the lean path off too)
 LABELS = {'bn': 'BatchNorm2d', 'jsbn': 'JSBN2d fast', 'jsbn_ref': 'JSBN2d reference',
+          'jsbn_dev': 'JSBN2d reference, device scalars',
           'gprebn': 'GpreBN2d fast', 'gprebn_ref': 'GpreBN2d reference',
+          'gprebn_dev': 'GpreBN2d reference, device scalars',
           'syncbn': 'SyncBatchNorm (1-rank group)', 'syncjsbn': 'SyncJSBN (1-rank group)'}
 
 
@@ -89,11 +94,12 @@ def one_rank_group(device: str):
 def make_step(layer_name: str, c: int, args, group):
     """A function running one forward+backward of the layer on its input, and the layer's
     parameters; None when the layer does not run on this device."""
-    from robustbn import GpreBN2d, JSBN2d, fast, get_estimator, shrunk_batch_norm
+    from robustbn import GpreBN2d, JSBN2d, fast, get_estimator, lean, shrunk_batch_norm
     cuda = args.device.startswith('cuda')
     if layer_name in ('jsbn', 'gprebn', 'syncjsbn', 'syncbn') and not cuda:
         return None  # the fast path and NCCL are CUDA only
-    mode = 'off' if layer_name.endswith('_ref') else 'auto'
+    mode = 'off' if layer_name.endswith(('_ref', '_dev')) else 'auto'
+    host_scalars = not layer_name.endswith('_dev')
     if layer_name == 'bn':
         layer = nn.BatchNorm2d(c)
     elif layer_name.startswith('jsbn'):
@@ -124,7 +130,7 @@ def make_step(layer_name: str, c: int, args, group):
         forward = layer
 
     def step(x, g):
-        with fast.fast_path(mode), autocast(args, x):
+        with fast.fast_path(mode), lean.lean_path(host_scalars), autocast(args, x):
             y = forward(x)
         torch.autograd.grad(y, [x] + params, g)
     return step

@@ -6,10 +6,12 @@
 # bfloat16 autocast. Prints a markdown table (device, versions): ms / iteration and peak
 # GPU memory, with ratios to BN. One process: SyncJSBN has no group, so it runs as JSBN
 # (what a single-GPU run does); --with-reference adds rows with the JS layers forced to
-# the reference path.
+# the reference path, --with-device-scalars rows with its per-layer scalars kept on the
+# device as well (on CPU: the lean path off).
 #
 #   python tools/benchmark_train.py [--models fcn_hr18 resnet50] [--norms BN SyncJSBN JSBN]
 #       [--dtypes fp32 bf16] [--iters 20] [--warmup 5] [--channels-last] [--with-reference]
+#       [--with-device-scalars]
 #   python tools/benchmark_train.py --device cpu --seg-shape 1 64 128 --cls-shape 2 32 \
 #       --iters 1 --warmup 1                                   # a quick CPU smoke run
 import argparse
@@ -45,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument('--channels-last', action='store_true', help='ResNet-50 in channels_last')
     parser.add_argument('--with-reference', action='store_true',
                         help='also time the JS layers on the reference path')
+    parser.add_argument('--with-device-scalars', action='store_true',
+                        help='also time the JS layers on the reference path with the per-layer '
+                        'scalars on the device (on CPU: without the lean path)')
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -143,27 +148,31 @@ def time_training(model, loss_fn, dtype: str, args):
 
 
 def run(args):
-    from robustbn import fast
+    from robustbn import fast, lean
     if args.device.startswith('cuda'):
         torch.backends.cudnn.benchmark = True
-    runs = [(norm, 'auto') for norm in args.norms]
+    runs = [(norm, 'auto', True) for norm in args.norms]
     if args.with_reference:
-        runs += [(norm, 'off') for norm in args.norms if norm != 'BN']
+        runs += [(norm, 'off', True) for norm in args.norms if norm != 'BN']
+    if args.with_device_scalars:
+        runs += [(norm, 'off', False) for norm in args.norms if norm != 'BN']
     rows = []
     for name in args.models:
         shape = args.seg_shape if name == 'fcn_hr18' else args.cls_shape
         for dtype in args.dtypes:
             base = None
-            for norm, mode in runs:
-                with fast.fast_path(mode):
+            for norm, mode, host_scalars in runs:
+                with fast.fast_path(mode), lean.lean_path(host_scalars):
                     torch.manual_seed(0)
                     model, loss_fn = (build_seg if name == 'fcn_hr18' else build_cls)(norm, args)
                     ms, peak = time_training(model, loss_fn, dtype, args)
                 del model, loss_fn
                 if args.device.startswith('cuda'):
                     torch.cuda.empty_cache()
-                row = dict(model=name, norm=norm, path='reference' if mode == 'off' else
-                           ('fast' if norm != 'BN' and args.device.startswith('cuda') else '-'),
+                path = 'reference' if mode == 'off' else \
+                    ('fast' if norm != 'BN' and args.device.startswith('cuda') else '-')
+                row = dict(model=name, norm=norm,
+                           path=path if host_scalars else 'device scalars',
                            dtype=dtype, shape=list(shape), ms=ms, peak_mib=peak)
                 if norm == 'BN':
                     base = row
