@@ -82,25 +82,35 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
+def _underflows(sum_sq: float, dtype: torch.dtype) -> bool:
+    """Whether a sum of squares is so small that the reference, squaring in ``dtype``,
+    loses it to subnormal numbers (and may see 0 where this sees a positive sum)."""
+    info = torch.finfo(dtype)
+    return 0 < sum_sq < info.tiny / info.eps
+
+
 # ---------------------------------------------------------------- the two building blocks
 def _to_zero(u: Tensor, kc: float, c: int):
     """a, alpha, beta of u_used = a u with a = 1 - kc s2 / ||u||^2 (``paper_mean``,
     ``wacv_shrink``), whose Jacobian term is da/du = alpha u + beta; None if not finite."""
     s2, ubar = _items(*torch.var_mean(u, correction=0))
-    if not _finite(s2, ubar):
-        return None
     q = c * (s2 + ubar * ubar)  # ||u||^2
+    if not _finite(s2, ubar) or _underflows(q, u.dtype):
+        return None
     if q <= 0:  # u = 0: a = 1, no gradient through a (the reference's guard)
         return 1.0, 0.0, 0.0, ubar
     return (1 - kc * s2 / q, -2 * kc / (c * q) + 2 * kc * s2 / (q * q), 2 * kc * ubar / (c * q),
             ubar)
 
 
-def _to_mean(s2: float, noise: float, kc: float, c: int):
+def _to_mean(s2: float, noise: float, kc: float, c: int, dtype: torch.dtype):
     """(f, A, B) of Efron-Morris u_used = ubar + f (u - ubar), f = max(0, 1 - kc noise / s),
     s = ||u - ubar||^2 = c s2. Its VJP (``estimators.efron_morris_vjp``) is
-    du = f g + (1 - f) mean(g) + A (g.d) d and dnoise = -B (g.d), d = u - ubar."""
+    du = f g + (1 - f) mean(g) + A (g.d) d and dnoise = -B (g.d), d = u - ubar; None
+    where the reference's s underflows."""
     s = c * s2
+    if _underflows(s, dtype):
+        return None
     shrink = kc * noise / s if s > 0 else 0.0
     if not (s > 0 and 1 - shrink >= 0):  # the shrink terms vanish (the reference's guards)
         return max(0.0, 1 - shrink), 0.0, 0.0
@@ -188,11 +198,15 @@ def _classic_forward(m, v, n, c):
     if not _finite(s2, mbar, sv, vmax) or not vmin >= torch.finfo(v.dtype).tiny:
         return None
     kc = max(c - 3, 0)
-    f, a, b = _to_mean(s2, sv / (c * n), kc, c)  # noise: tau2, the variance of a mean
-    mu = torch.mul(m, f).add_((1 - f) * mbar)
+    means = _to_mean(s2, sv / (c * n), kc, c, m.dtype)  # noise: tau2, the variance of a mean
     lv = torch.log(v)
     s2_l, lbar = _items(*torch.var_mean(lv, correction=0))
-    f_l, a_l, _ = _to_mean(s2_l, 2 / (n - 1), kc, c)  # the variance of a log sample variance
+    # noise: the variance of a log sample variance
+    variances = _to_mean(s2_l, 2 / (n - 1), kc, c, v.dtype) if _finite(s2_l, lbar) else None
+    if means is None or variances is None:
+        return None
+    (f, a, b), (f_l, a_l, _) = means, variances
+    mu = torch.mul(m, f).add_((1 - f) * mbar)
     var = torch.mul(lv, f_l).add_((1 - f_l) * lbar).exp_()
     # exp of a convex combination of log v is at most max v (the factor: exp's rounding)
     state = (mbar, f, a, b, lv, var, lbar, f_l, a_l)
