@@ -11,10 +11,10 @@ normalizes with.
 
 Each estimator is declared once in ``ESTIMATORS`` (an :class:`EstimatorSpec`): its
 function, its closed-form vector-Jacobian product (hand-derived, checked against autograd
-in tests; the CUDA fast path's kernels implement the same formulas), the channel count
-below which it leaves the batch statistics unchanged, and its fast-path code. Users add
-their own with :func:`register_estimator`; their gradient comes from autograd on the
-C-vectors.
+in tests; the CUDA fast path's kernels and the CPU default, ``robustbn.lean``, implement
+the same formulas), the channel count below which it leaves the batch statistics
+unchanged, and its fast-path code. Users add their own with :func:`register_estimator`;
+their gradient comes from autograd on the C-vectors.
 
 Guards shared by all estimators: no 0/0 when a squared norm is zero, log-domain
 geometric means (a product of C variances over/underflows in float32), and too few
