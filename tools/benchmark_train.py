@@ -52,6 +52,10 @@ def parse_args(argv=None):
                         'scalars on the device (on CPU: without the lean path)')
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='time the variants of a model and dtype in turn this many times '
+                        '(iters each; the median is over all rounds): interleaved, so slow '
+                        'phases of a shared machine hit every variant alike')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the rows as JSON here')
     return parser.parse_args(argv)
@@ -119,7 +123,7 @@ def build_cls(norm: str, args):
 
 
 def time_training(model, loss_fn, dtype: str, args):
-    """(median ms / iteration, peak MiB or None)."""
+    """(ms of each timed iteration, peak MiB or None)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dev = args.device.split(':')[0]
     amp = torch.autocast(dev, dtype=torch.bfloat16) if dtype == 'bf16' else \
@@ -144,7 +148,7 @@ def time_training(model, loss_fn, dtype: str, args):
         sync(args.device)
         times.append((time.perf_counter() - start) * 1000)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == 'cuda' else None
-    return statistics.median(times), peak
+    return times, peak
 
 
 def run(args):
@@ -160,15 +164,35 @@ def run(args):
     for name in args.models:
         shape = args.seg_shape if name == 'fcn_hr18' else args.cls_shape
         for dtype in args.dtypes:
-            base = None
+            built = []
             for norm, mode, host_scalars in runs:
                 with fast.fast_path(mode), lean.lean_path(host_scalars):
                     torch.manual_seed(0)
                     model, loss_fn = (build_seg if name == 'fcn_hr18' else build_cls)(norm, args)
-                    ms, peak = time_training(model, loss_fn, dtype, args)
-                del model, loss_fn
-                if args.device.startswith('cuda'):
-                    torch.cuda.empty_cache()
+                if args.device.startswith('cuda') and len(runs) > 1:
+                    model.to('cpu')  # parked: moved to the GPU for its timing only
+                built.append((model, loss_fn))
+            times = [[] for _ in runs]
+            peaks = [None] * len(runs)
+            for _ in range(args.rounds):
+                for i, ((norm, mode, host_scalars), (model, loss_fn)) in enumerate(
+                        zip(runs, built)):
+                    park = args.device.startswith('cuda') and len(runs) > 1
+                    if park:  # one model on the GPU at a time: its own peak memory
+                        model.to(args.device)
+                    with fast.fast_path(mode), lean.lean_path(host_scalars):
+                        more, peak = time_training(model, loss_fn, dtype, args)
+                    if park:
+                        model.to('cpu')
+                        torch.cuda.empty_cache()
+                    times[i] += more
+                    peaks[i] = peak if peaks[i] is None else max(peaks[i], peak)
+            del built
+            if args.device.startswith('cuda'):
+                torch.cuda.empty_cache()
+            base = None
+            for (norm, mode, host_scalars), ts, peak in zip(runs, times, peaks):
+                ms = statistics.median(ts)
                 path = 'reference' if mode == 'off' else \
                     ('fast' if norm != 'BN' and args.device.startswith('cuda') else '-')
                 row = dict(model=name, norm=norm,
@@ -187,7 +211,8 @@ def run(args):
 def table(rows, args) -> str:
     lines = [f'Device: {device_name(args.device)}; {versions(openmmlab=True)}; '
              f'estimator {args.estimator!r}; '
-             f'median of {args.iters} iterations after {args.warmup} warm-up'
+             f'median of {args.iters * args.rounds} iterations ({args.rounds} interleaved '
+             f'round(s) of {args.iters} after {args.warmup} warm-up)'
              + ('; ResNet-50 channels_last' if args.channels_last else ''), '',
              '| model | norm | JS path | dtype | batch shape | ms / iter | x BN | '
              'peak MiB | x BN |',

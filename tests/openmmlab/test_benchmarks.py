@@ -6,7 +6,8 @@ from helpers import load_tool
 def test_benchmark_train_cpu_smoke(capsys):
     rows = load_tool('benchmark_train').main(
         ['--device', 'cpu', '--models', 'resnet50', '--norms', 'BN', 'JSBN', '--dtypes', 'fp32',
-         '--cls-shape', '2', '32', '--iters', '1', '--warmup', '1', '--with-device-scalars'])
+         '--cls-shape', '2', '32', '--iters', '1', '--warmup', '1', '--with-device-scalars',
+         '--rounds', '2'])
     out = capsys.readouterr().out
     assert [(r['model'], r['norm'], r['path']) for r in rows] == [
         ('resnet50', 'BN', '-'), ('resnet50', 'JSBN', '-'), ('resnet50', 'JSBN', 'device scalars')]
