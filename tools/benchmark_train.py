@@ -55,10 +55,17 @@ def parse_args(argv=None):
     parser.add_argument('--rounds', type=int, default=1,
                         help='time the variants of a model and dtype in turn this many times '
                         '(iters each; the median is over all rounds): interleaved, so slow '
-                        'phases of a shared machine hit every variant alike')
+                        'phases of a shared machine hit every variant alike; warm-up in the '
+                        'first round only')
+    parser.add_argument('--clock', choices=('wall', 'process'), default='wall',
+                        help="'process': the process's CPU time (all threads; CPU only), "
+                        'which time stolen by other guests of a shared VM does not inflate')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the rows as JSON here')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clock == 'process' and not args.device.startswith('cpu'):
+        parser.error('--clock process measures CPU work: use it with --device cpu')
+    return args
 
 
 def norm_cfg(norm: str, args) -> dict:
@@ -122,8 +129,9 @@ def build_cls(norm: str, args):
     return model, loss_fn
 
 
-def time_training(model, loss_fn, dtype: str, args):
-    """(ms of each timed iteration, peak MiB or None)."""
+def time_training(model, loss_fn, dtype: str, args, warmup=None):
+    """(ms of each timed iteration, peak MiB or None); ``warmup`` untimed iterations first
+    (default ``args.warmup``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dev = args.device.split(':')[0]
     amp = torch.autocast(dev, dtype=torch.bfloat16) if dtype == 'bf16' else \
@@ -136,17 +144,18 @@ def time_training(model, loss_fn, dtype: str, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup if warmup is None else warmup):
         step()
     sync(args.device)
     if dev == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+    clock = time.process_time if args.clock == 'process' else time.perf_counter
     times = []
     for _ in range(args.iters):
-        start = time.perf_counter()
+        start = clock()
         step()
         sync(args.device)
-        times.append((time.perf_counter() - start) * 1000)
+        times.append((clock() - start) * 1000)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == 'cuda' else None
     return times, peak
 
@@ -174,14 +183,15 @@ def run(args):
                 built.append((model, loss_fn))
             times = [[] for _ in runs]
             peaks = [None] * len(runs)
-            for _ in range(args.rounds):
+            for r in range(args.rounds):
                 for i, ((norm, mode, host_scalars), (model, loss_fn)) in enumerate(
                         zip(runs, built)):
                     park = args.device.startswith('cuda') and len(runs) > 1
                     if park:  # one model on the GPU at a time: its own peak memory
                         model.to(args.device)
                     with fast.fast_path(mode), lean.lean_path(host_scalars):
-                        more, peak = time_training(model, loss_fn, dtype, args)
+                        more, peak = time_training(model, loss_fn, dtype, args,
+                                                   warmup=None if r == 0 else 0)
                     if park:
                         model.to('cpu')
                         torch.cuda.empty_cache()
@@ -212,7 +222,7 @@ def table(rows, args) -> str:
     lines = [f'Device: {device_name(args.device)}; {versions(openmmlab=True)}; '
              f'estimator {args.estimator!r}; '
              f'median of {args.iters * args.rounds} iterations ({args.rounds} interleaved '
-             f'round(s) of {args.iters} after {args.warmup} warm-up)'
+             f'round(s) of {args.iters} after {args.warmup} warm-up), {args.clock} time'
              + ('; ResNet-50 channels_last' if args.channels_last else ''), '',
              '| model | norm | JS path | dtype | batch shape | ms / iter | x BN | '
              'peak MiB | x BN |',

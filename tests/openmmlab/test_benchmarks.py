@@ -7,7 +7,7 @@ def test_benchmark_train_cpu_smoke(capsys):
     rows = load_tool('benchmark_train').main(
         ['--device', 'cpu', '--models', 'resnet50', '--norms', 'BN', 'JSBN', '--dtypes', 'fp32',
          '--cls-shape', '2', '32', '--iters', '1', '--warmup', '1', '--with-device-scalars',
-         '--rounds', '2'])
+         '--rounds', '2', '--clock', 'process'])
     out = capsys.readouterr().out
     assert [(r['model'], r['norm'], r['path']) for r in rows] == [
         ('resnet50', 'BN', '-'), ('resnet50', 'JSBN', '-'), ('resnet50', 'JSBN', 'device scalars')]
