@@ -22,7 +22,8 @@ so fp16/bf16 inputs under autocast are normalized with full-precision statistics
 
 This module is the reference implementation (plain torch, any device). On CUDA,
 ``shrunk_batch_norm`` dispatches the built-in estimators to the Triton fast path in
-``robustbn.fast`` (same results up to rounding; the switch is described there).
+``robustbn.fast`` (same results up to rounding; the switch is described there); on CPU
+the Function computes their per-layer scalars on the host (``robustbn.lean``).
 """
 from __future__ import annotations
 
@@ -213,8 +214,8 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             # One fused pass for S_g = sum g and S_gx = sum g * (x - out_mu) * out_invstd:
             # the inference-mode BN backward's bias and weight gradients.
             g_w, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, _as(weight, mu.dtype), out_mu, out_var, None, None, False,
-                ctx.eps, [low, True, True])
+                grad_out, x, _as(weight, mu.dtype) if low else None, out_mu, out_var, None,
+                None, False, ctx.eps, [low, True, True])
         else:
             sum_g, sum_gx = torch.zeros_like(mu), torch.zeros_like(mu)
         need = ctx.needs_input_grad
@@ -247,6 +248,8 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
+# The plain backward for the usual call (grad mode off); with create_graph the wrapped one,
+# whose outputs make a second backward raise instead of silently being wrong.
 _backward = ShrunkBatchNormFunction._backward
 _backward_once = torch.autograd.function.once_differentiable(_backward)
 
