@@ -173,21 +173,22 @@ def run(args):
     for name in args.models:
         shape = args.seg_shape if name == 'fcn_hr18' else args.cls_shape
         for dtype in args.dtypes:
+            # on a GPU one model at a time is resident: each its own peak memory
+            park = args.device.startswith('cuda') and len(runs) > 1
             built = []
             for norm, mode, host_scalars in runs:
                 with fast.fast_path(mode), lean.lean_path(host_scalars):
                     torch.manual_seed(0)
                     model, loss_fn = (build_seg if name == 'fcn_hr18' else build_cls)(norm, args)
-                if args.device.startswith('cuda') and len(runs) > 1:
-                    model.to('cpu')  # parked: moved to the GPU for its timing only
+                if park:
+                    model.to('cpu')  # moved to the GPU for its timing only
                 built.append((model, loss_fn))
             times = [[] for _ in runs]
             peaks = [None] * len(runs)
             for r in range(args.rounds):
                 for i, ((norm, mode, host_scalars), (model, loss_fn)) in enumerate(
                         zip(runs, built)):
-                    park = args.device.startswith('cuda') and len(runs) > 1
-                    if park:  # one model on the GPU at a time: its own peak memory
+                    if park:
                         model.to(args.device)
                     with fast.fast_path(mode), lean.lean_path(host_scalars):
                         more, peak = time_training(model, loss_fn, dtype, args,

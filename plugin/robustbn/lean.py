@@ -89,6 +89,13 @@ def _underflows(sum_sq: float, dtype: torch.dtype) -> bool:
     return 0 < sum_sq < info.tiny / info.eps
 
 
+def _normal_max(v: Tensor):
+    """max(v) where every variance is finite and at least the smallest normal number (the
+    reference takes their logs unclamped then), else None."""
+    vmin, vmax = _items(*torch.aminmax(v))
+    return vmax if vmin >= torch.finfo(v.dtype).tiny and math.isfinite(vmax) else None
+
+
 # ---------------------------------------------------------------- the two building blocks
 def _to_zero(u: Tensor, kc: float, c: int):
     """a, alpha, beta of u_used = a u with a = 1 - kc s2 / ||u||^2 (``paper_mean``,
@@ -143,8 +150,8 @@ def _mean_to_zero_c(st, m, n, P):
 
 def _paper_forward(m, v, n, c):
     mean = _mean_to_zero(m, (c - 2) * c / (c + 1), c)
-    vmin, vmax = _items(*torch.aminmax(v))
-    if mean is None or not vmin >= torch.finfo(v.dtype).tiny or not math.isfinite(vmax):
+    vmax = _normal_max(v)
+    if mean is None or vmax is None:
         return None
     log_sum = torch.log(v).sum().item()
     if not math.isfinite(log_sum):
@@ -194,8 +201,8 @@ def _wacv_backward(state, m, v, n, P, Q):
 def _classic_forward(m, v, n, c):
     s2, mbar = _items(*torch.var_mean(m, correction=0))
     sv = v.sum().item()
-    vmin, vmax = _items(*torch.aminmax(v))
-    if not _finite(s2, mbar, sv, vmax) or not vmin >= torch.finfo(v.dtype).tiny:
+    vmax = _normal_max(v)
+    if not _finite(s2, mbar, sv) or vmax is None:
         return None
     kc = max(c - 3, 0)
     means = _to_mean(s2, sv / (c * n), kc, c, m.dtype)  # noise: tau2, the variance of a mean
