@@ -56,6 +56,7 @@ def test_monitor_logs_factors_only_on_logged_iterations(tmp_path):
     flags = _RecordFlags()
     runner = Runner(
         model=_Net(), work_dir=str(tmp_path),
+        experiment_name=f'monitor_{tmp_path.name}',  # unique: Visualizer instances are per name
         train_dataloader=dict(dataset=_Data(), batch_size=8, sampler=dict(type='DefaultSampler'),
                               collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
@@ -133,6 +134,7 @@ class _InputNormNet(_Net):
 def test_monitor_logs_nonfinite_batches(tmp_path):
     runner = Runner(
         model=_InputNormNet(), work_dir=str(tmp_path),
+        experiment_name=f'nonfinite_{tmp_path.name}',  # unique: Visualizer instances are per name
         train_dataloader=dict(dataset=_OverflowData(), batch_size=8,
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
