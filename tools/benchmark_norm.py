@@ -5,7 +5,10 @@
 # HRNet-W18 and ResNet-50 shapes, float32 and bfloat16 input under autocast, NCHW and
 # channels_last. Prints a markdown table (device, versions) with per-iteration eager wall
 # time, GPU kernel time (sum of kernel durations from torch.profiler) and kernel count, and
-# their ratios to BatchNorm.
+# their ratios to BatchNorm. The layers of one shape/dtype/layout are timed in turns
+# (repeat r of every layer, then repeat r+1), so a drifting machine speed shifts them alike.
+# `jsbn_none` is JSBN2d with estimator 'none' on the reference path: BatchNorm's arithmetic
+# through this package's autograd Function, i.e. the layer's fixed cost without shrinkage.
 #
 #   python tools/benchmark_norm.py [--shapes hrnet resnet | --shapes 2,18,128,256 ...]
 #       [--dtypes fp32 bf16] [--layouts nchw cl] [--layers bn jsbn jsbn_ref ...]
@@ -32,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
 HRNET = ['2,18,128,256', '2,36,64,128', '2,72,32,64', '2,144,16,32']
 RESNET = ['64,64,56,56', '64,256,56,56', '64,512,28,28', '64,1024,14,14', '64,2048,7,7']
-LAYERS = ['bn', 'jsbn', 'jsbn_ref', 'jsbn_dev', 'gprebn', 'gprebn_ref', 'gprebn_dev', 'syncbn',
-          'syncjsbn']
+LAYERS = ['bn', 'jsbn', 'jsbn_ref', 'jsbn_dev', 'jsbn_none', 'gprebn', 'gprebn_ref',
+          'gprebn_dev', 'syncbn', 'syncjsbn']
 # _ref: the fast path off (on CPU that is the lean path, robustbn/lean.py); _dev: the
 # reference path with its per-layer scalars on the device (the lean path off too)
 LABELS = {'bn': 'BatchNorm2d', 'jsbn': 'JSBN2d fast', 'jsbn_ref': 'JSBN2d reference',
           'jsbn_dev': 'JSBN2d reference, device scalars',
+          'jsbn_none': "JSBN2d reference, estimator 'none'",
           'gprebn': 'GpreBN2d fast', 'gprebn_ref': 'GpreBN2d reference',
           'gprebn_dev': 'GpreBN2d reference, device scalars',
           'syncbn': 'SyncBatchNorm (1-rank group)', 'syncjsbn': 'SyncJSBN (1-rank group)'}
@@ -98,12 +102,12 @@ def make_step(layer_name: str, c: int, args, group):
     cuda = args.device.startswith('cuda')
     if layer_name in ('jsbn', 'gprebn', 'syncjsbn', 'syncbn') and not cuda:
         return None  # the fast path and NCCL are CUDA only
-    mode = 'off' if layer_name.endswith(('_ref', '_dev')) else 'auto'
+    mode = 'off' if layer_name.endswith(('_ref', '_dev', '_none')) else 'auto'
     host_scalars = not layer_name.endswith('_dev')
     if layer_name == 'bn':
         layer = nn.BatchNorm2d(c)
     elif layer_name.startswith('jsbn'):
-        layer = JSBN2d(c, estimator=args.estimator)
+        layer = JSBN2d(c, estimator='none' if layer_name == 'jsbn_none' else args.estimator)
     elif layer_name.startswith('gprebn'):
         layer = GpreBN2d(c, batch_estimator=args.estimator)
     elif layer_name == 'syncbn':
@@ -155,19 +159,22 @@ def inputs(shape, dtype: str, layout: str, device: str):
     return x.requires_grad_(), g
 
 
-def wall_ms(step, x, g, args) -> float:
-    """Median over repeats of the eager wall time per iteration."""
-    for _ in range(args.warmup):
-        step(x, g)
-    times = []
-    for _ in range(args.repeats):
-        sync(args.device)
-        start = time.perf_counter()
-        for _ in range(args.iters):
+def wall_ms(steps, x, g, args) -> list:
+    """Median over repeats of the eager wall time per iteration of each step, the steps
+    timed in turns."""
+    for step in steps:
+        for _ in range(args.warmup):
             step(x, g)
-        sync(args.device)
-        times.append((time.perf_counter() - start) / args.iters * 1000)
-    return statistics.median(times)
+    times = [[] for _ in steps]
+    for _ in range(args.repeats):
+        for step, t in zip(steps, times):
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step(x, g)
+            sync(args.device)
+            t.append((time.perf_counter() - start) / args.iters * 1000)
+    return [statistics.median(t) for t in times]
 
 
 def kernel_stats(step, x, g, args, iters: int = 10):
@@ -199,12 +206,13 @@ def run(args):
             for dtype in args.dtypes:
                 for layout in args.layouts:
                     x, g = inputs(shape, dtype, layout, args.device)
+                    steps = {name: make_step(name, shape[1], args, group)
+                             for name in args.layers}
+                    steps = {name: step for name, step in steps.items() if step is not None}
+                    times = dict(zip(steps, wall_ms(list(steps.values()), x, g, args)))
                     base = None
-                    for name in args.layers:
-                        step = make_step(name, shape[1], args, group)
-                        if step is None:
-                            continue
-                        ms = wall_ms(step, x, g, args)
+                    for name, step in steps.items():
+                        ms = times[name]
                         kms, count = kernel_stats(step, x, g, args)
                         row = dict(shape=list(shape), dtype=dtype, layout=layout, layer=name,
                                    wall_ms=ms, kernel_ms=kms, kernels=count)

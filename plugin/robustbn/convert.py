@@ -64,6 +64,7 @@ def _swap(old: _BatchNorm, cls, **kwargs) -> _BatchNorm:
         new.num_batches_tracked = old.num_batches_tracked
     if isinstance(new, GpreBatchNorm):
         new.reset_target()  # the test-time EMA starts from the (new) source statistics
+        new._initialized = False  # known: torch.compile needs no read of the flag
     new.train(old.training)
     return new
 

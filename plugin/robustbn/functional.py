@@ -105,9 +105,16 @@ def batch_moments(x: Tensor, group=None, sync_mode: str = 'reduce'):
     return n, rows[0, 1:c + 1], rows[0, c + 1:] / n.clamp_min(1)
 
 
+# device type -> whether it has autocast; filled outside torch.compile, which cannot trace
+# is_autocast_available (a model compiled with fullgraph=True would fail on it)
+_AUTOCAST = {dev: torch.amp.is_autocast_available(dev) for dev in ('cpu', 'cuda')}
+
+
 def _autocast_on(x: Tensor) -> bool:
     dev = x.device.type
-    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    if dev not in _AUTOCAST:
+        _AUTOCAST[dev] = torch.amp.is_autocast_available(dev)
+    return _AUTOCAST[dev] and torch.is_autocast_enabled(dev)
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -174,8 +181,14 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
                 mu, var, host = host
             if record is not None:  # on request only: a few small kernels, no host sync
                 record.append(shrinkage_factors(m, v, mu, var))
-        out_mu, out_var = (mu, var) if ref_stats is None else \
-            (ref_stats[0].to(mu.dtype), ref_stats[1].to(mu.dtype))
+        if ref_stats is None:
+            out_mu, out_var = mu, var
+        else:
+            # A copy, made by an op torch.compile's partitioner never recomputes: it would
+            # otherwise recompute ref_stats in the backward from the buffers they were read
+            # from (GpreBN's averages), after this forward has updated them, and give wrong
+            # gradients (torch 2.11; pytorch/pytorch PR 197039).
+            out_mu, out_var = torch.cat([ref_stats[0], ref_stats[1]]).to(mu.dtype).chunk(2)
 
         # Output pass: batch norm's own fused inference kernel with the statistics used.
         y = normalize(x, out_mu, out_var, weight, bias, eps)
@@ -243,7 +256,9 @@ class ShrunkBatchNormFunction(torch.autograd.Function):
             # dx = g w + k (x - m) + c: k (x - m) + c in batch norm's inference kernel
             # (mean m, variance 1, weight k, bias c), then one addcmul (or add of g w).
             grad_x = F.batch_norm(x, m, _ones(m), k, c, False, 0.0, _UNIT_EPS)
-            grad_x = grad_x.add_(g_w) if g_w is not None else \
+            # (``low``, not ``g_w is not None``: traced by torch.compile, the kernel's
+            # unrequested output is a placeholder tensor, undefined when the graph runs)
+            grad_x = grad_x.add_(g_w) if low and g_w is not None else \
                 grad_x.addcmul_(grad_out, _bcast(w, x))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 

@@ -116,8 +116,9 @@ class GpreBatchNorm(ShrunkBatchNorm):
         # first one). Saved, so a checkpoint taken during adaptation resumes where it was.
         self.register_buffer('target_initialized',
                              torch.zeros((), dtype=torch.bool, device=device))
-        # Host copy of the flag once it is True (None: read the buffer): no device sync per
-        # forward after the first.
+        # Host copy of the flag (None: unknown, read the buffer once, e.g. after the flag
+        # was written directly): no device sync per forward, and no data-dependent branch
+        # for torch.compile where it is known (after a state dict load or convert_norm).
         self._initialized: Optional[bool] = None
 
     def extra_repr(self) -> str:
@@ -152,7 +153,9 @@ class GpreBatchNorm(ShrunkBatchNorm):
             state_dict[flag] = torch.tensor(any(moved))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._initialized = None  # the flag may have changed
+        if flag in state_dict:  # the flag changed: read it here if that needs no device sync
+            saved = state_dict[flag]
+            self._initialized = bool(saved) if saved.device.type == 'cpu' else None
 
     def dataset_stats(self):
         """(mu, var): theta * target + (1 - theta) * source (new tensors)."""

@@ -245,10 +245,11 @@ def test_benchmark_norm_cpu_smoke(capsys):
          '--warmup', '1', '--repeats', '1'])
     out = capsys.readouterr().out
     # CPU: the reference layers only (the fast path and NCCL are CUDA), with host (lean)
-    # and device scalars
-    layers = {'bn', 'jsbn_ref', 'jsbn_dev', 'gprebn_ref', 'gprebn_dev'}
+    # and device scalars, and the fixed-cost row (estimator 'none')
+    layers = {'bn', 'jsbn_ref', 'jsbn_dev', 'jsbn_none', 'gprebn_ref', 'gprebn_dev'}
     assert {r['layer'] for r in rows} == layers
     assert len(rows) == len(layers) * 2 * 2 and all(r['wall_ms'] > 0 for r in rows)
     assert '| 2,6,4,4 | bf16 | cl | JSBN2d reference |' in out and 'triton' in out
     assert '| 2,6,4,4 | fp32 | nchw | GpreBN2d reference, device scalars |' in out
+    assert "| 2,6,4,4 | fp32 | cl | JSBN2d reference, estimator 'none' |" in out
 
