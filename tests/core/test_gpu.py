@@ -325,11 +325,17 @@ def test_cuda_graph_capture_of_forward_and_backward():
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_equals_eager(monkeypatch):
+@pytest.mark.parametrize('second', ['jsbn', 'gprebn'])
+def test_torch_compile_equals_eager(monkeypatch, second):
+    """With GpreBN: the backward needs statistics read from the averages the forward then
+    updates (the CPU reference path had to guard against the partitioner recomputing
+    them afterwards, tests/core/test_compile.py)."""
     calls = _fast_calls(monkeypatch)
     torch.manual_seed(0)
+    last = JSBN2d(8, estimator='classic') if second == 'jsbn' else \
+        robustbn.convert_norm(nn.BatchNorm2d(8), 'GpreBN', theta=0.5, batch_estimator='paper')
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), JSBN2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 8, 1), JSBN2d(8, estimator='classic'),
+                          nn.Conv2d(16, 8, 1), last,
                           nn.Flatten(), nn.Linear(8 * 16 * 16, 4)).cuda()
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
