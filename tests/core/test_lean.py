@@ -70,6 +70,68 @@ def test_matches_the_reference(est, shape, dtype):
     _assert_same(x, est)
 
 
+# float32 inputs whose moments are computed in vectorized passes (robustbn.functional):
+# 2^15 values and more, planes of 256 and more; a 3D input; one with 5 samples of 3 channels
+PASSES_SHAPES = [(2, 4, 64, 64), (3, 5, 7000), (5, 3, 48, 48)]
+
+
+@pytest.mark.parametrize('chunk', [None, 1], ids=['whole', 'per-sample'])
+@pytest.mark.parametrize('shift', [0.0, 1e3])
+@pytest.mark.parametrize('shape', PASSES_SHAPES)
+def test_moments_by_passes_match_the_kernel(shape, shift, chunk, monkeypatch):
+    """Mean and variance as batch_norm_update_stats's (float64-accumulated) ones, also for
+    a mean 1000 standard deviations wide of zero (centred, no cancellation) and in chunks of
+    samples (one sample per chunk)."""
+    from robustbn import functional as F
+    if chunk is not None:
+        monkeypatch.setattr(F, '_PASSES_CHUNK', shape[1] * shape[2] * (shape[3:] or [1])[0])
+    x = _input(shape, torch.float32) + shift
+    assert F._passes_apply(x)
+    n, mean, var = F.local_moments(x)
+    want_mean, want_var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    v64, m64 = torch.var_mean(x.double(), [0] + list(range(2, x.dim())), correction=0)
+    assert n == x.numel() // shape[1]
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6 * shift)
+    torch.testing.assert_close(var, want_var, rtol=2e-6, atol=0)
+    torch.testing.assert_close(var.double(), v64, rtol=2e-6, atol=0)
+
+
+def test_moments_by_passes_only_where_they_are_faster():
+    from robustbn.functional import _passes_apply
+    x = torch.randn(2, 4, 64, 64)
+    assert _passes_apply(x)
+    assert not _passes_apply(x.double())  # the kernel accumulates float64 anyway
+    assert not _passes_apply(x.to(memory_format=torch.channels_last))  # vectorized kernel
+    assert not _passes_apply(torch.randn(4, 64, 8, 16))  # planes below 256 values
+    assert not _passes_apply(torch.randn(2, 4, 32, 32))  # below 2^15 values
+    assert not _passes_apply(torch.randn(4096, 16))  # (N, C): no planes
+    with lean.lean_path(False):  # the reference: the kernel
+        assert not _passes_apply(x)
+
+
+@pytest.mark.parametrize('shape', PASSES_SHAPES[:2])
+@pytest.mark.parametrize('est', ['none', 'paper', 'classic'])
+def test_matches_the_reference_with_moments_by_passes(est, shape):
+    """Both paths are float32 sums over 10^4 values, rounded differently: each result to
+    1e-5 of its largest entry (both are that close to the float64 result)."""
+    x = _input(shape, torch.float32)
+    for ref in (False, True):
+        got, want = _run(x, est, True, ref=ref), _run(x, est, False, ref=ref)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=3e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_none_is_batchnorm_with_moments_by_passes():
+    x = _input((2, 4, 64, 64), torch.float32).requires_grad_()
+    bn, layer = torch.nn.BatchNorm2d(4), robustbn.JSBN2d(4, estimator='none')
+    grad = torch.randn(x.shape)
+    got = [layer(x), *torch.autograd.grad(layer(x), (x, layer.weight), grad)]
+    want = [bn(x), *torch.autograd.grad(bn(x), (x, bn.weight), grad)]
+    for a, b in zip(got + [layer.running_mean, layer.running_var],
+                    want + [bn.running_mean, bn.running_var]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize('est', ESTIMATORS)
 def test_matches_the_reference_without_affine_and_with_reference_statistics(est):
     x = _input((4, 6, 3, 5))
