@@ -51,22 +51,20 @@ _UNIT_EPS = 1e-30
 _ONES = {}
 
 
-def _full(c: int, value: float, like: Tensor) -> Tensor:
-    """A read-only C-vector filled with ``value`` in like's dtype (on CPU from a small cache:
-    one op less per use)."""
-    if not lean.applies(like):
-        return torch.full((c,), value, dtype=like.dtype, device=like.device)
-    key = (c, value, like.dtype)
+def _cpu_full(c: int, value: float, dtype: torch.dtype) -> Tensor:
+    """A read-only CPU C-vector filled with ``value``, from a small cache (one op less per
+    use; only where :func:`lean.applies`, i.e. not while tracing)."""
+    key = (c, value, dtype)
     if key not in _ONES:
-        if len(_ONES) > 256:  # many input sizes (the per-size 1/N^2 vectors): start over
+        if len(_ONES) > 256:  # many input sizes (the per-size N^2 vectors): start over
             _ONES.clear()
-        _ONES[key] = torch.full((c,), value, dtype=like.dtype)
+        _ONES[key] = torch.full((c,), value, dtype=dtype)
     return _ONES[key]
 
 
 def _ones(m: Tensor) -> Tensor:
     """A C-vector of ones like m (on CPU from a cache: one op less per backward)."""
-    return _full(m.numel(), 1.0, m)
+    return _cpu_full(m.numel(), 1.0, m.dtype) if lean.applies(m) else torch.ones_like(m)
 
 
 # float32 CPU input: batch_norm_update_stats accumulates in scalar float64 there (about
@@ -92,9 +90,11 @@ def _moments_by_passes(x: Tensor, c: int, n: int):
     sum(d * d) / N (the weight-gradient sum of BatchNorm's backward kernel with input d,
     output gradient d, mean 0 and invstd 1/N)."""
     mean = x.mean([0] + list(range(2, x.dim())))
-    ones, zeros, n2 = _full(c, 1.0, x), _full(c, 0.0, x), _full(c, float(n) ** 2, x)
+    dt = x.dtype
+    ones, zeros, n2 = _cpu_full(c, 1.0, dt), _cpu_full(c, 0.0, dt), _cpu_full(c, n * n, dt)
+    per_chunk = _PASSES_CHUNK // (x.numel() // x.size(0))
     var = None
-    for part in x.split(max(1, _PASSES_CHUNK // (x.numel() // x.size(0)))):
+    for part in (x,) if per_chunk >= x.size(0) else torch.split(x, per_chunk):
         d = torch.batch_norm(part, None, None, mean, ones, False, 0.0, _UNIT_EPS, False)
         s = torch.ops.aten.native_batch_norm_backward(
             d, d, None, zeros, n2, None, None, False, 0.0, [False, True, False])[1]
