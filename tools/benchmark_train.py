@@ -7,11 +7,12 @@
 # GPU memory, with ratios to BN. One process: SyncJSBN has no group, so it runs as JSBN
 # (what a single-GPU run does); --with-reference adds rows with the JS layers forced to
 # the reference path, --with-device-scalars rows with its per-layer scalars kept on the
-# device as well (on CPU: the lean path off).
+# device as well (on CPU: the lean path off), --with-kernel-moments rows with BatchNorm's
+# statistics kernel for every input (on CPU: no float32 moments by passes).
 #
 #   python tools/benchmark_train.py [--models fcn_hr18 resnet50] [--norms BN SyncJSBN JSBN]
 #       [--dtypes fp32 bf16] [--iters 20] [--warmup 5] [--channels-last] [--with-reference]
-#       [--with-device-scalars]
+#       [--with-device-scalars] [--with-kernel-moments]
 #   python tools/benchmark_train.py --device cpu --seg-shape 1 64 128 --cls-shape 2 32 \
 #       --iters 1 --warmup 1                                   # a quick CPU smoke run
 import argparse
@@ -50,6 +51,10 @@ def parse_args(argv=None):
     parser.add_argument('--with-device-scalars', action='store_true',
                         help='also time the JS layers on the reference path with the per-layer '
                         'scalars on the device (on CPU: without the lean path)')
+    parser.add_argument('--with-kernel-moments', action='store_true',
+                        help='also time the JS layers with BatchNorm\'s statistics kernel for '
+                        'every input (CPU: no float32 moments by passes, see '
+                        'robustbn.functional.moment_passes)')
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--rounds', type=int, default=1,
@@ -162,13 +167,17 @@ def time_training(model, loss_fn, dtype: str, args, warmup=None):
 
 def run(args):
     from robustbn import fast, lean
+    from robustbn.functional import moment_passes
     if args.device.startswith('cuda'):
         torch.backends.cudnn.benchmark = True
-    runs = [(norm, 'auto', True) for norm in args.norms]
+    # (norm, fast path mode, host scalars (lean path), moments by passes)
+    runs = [(norm, 'auto', True, True) for norm in args.norms]
     if args.with_reference:
-        runs += [(norm, 'off', True) for norm in args.norms if norm != 'BN']
+        runs += [(norm, 'off', True, True) for norm in args.norms if norm != 'BN']
+    if args.with_kernel_moments:
+        runs += [(norm, 'auto', True, False) for norm in args.norms if norm != 'BN']
     if args.with_device_scalars:
-        runs += [(norm, 'off', False) for norm in args.norms if norm != 'BN']
+        runs += [(norm, 'off', False, True) for norm in args.norms if norm != 'BN']
     rows = []
     for name in args.models:
         shape = args.seg_shape if name == 'fcn_hr18' else args.cls_shape
@@ -176,8 +185,8 @@ def run(args):
             # on a GPU one model at a time is resident: each its own peak memory
             park = args.device.startswith('cuda') and len(runs) > 1
             built = []
-            for norm, mode, host_scalars in runs:
-                with fast.fast_path(mode), lean.lean_path(host_scalars):
+            for norm, mode, host_scalars, passes in runs:
+                with fast.fast_path(mode), lean.lean_path(host_scalars), moment_passes(passes):
                     torch.manual_seed(0)
                     model, loss_fn = (build_seg if name == 'fcn_hr18' else build_cls)(norm, args)
                 if park:
@@ -186,11 +195,12 @@ def run(args):
             times = [[] for _ in runs]
             peaks = [None] * len(runs)
             for r in range(args.rounds):
-                for i, ((norm, mode, host_scalars), (model, loss_fn)) in enumerate(
+                for i, ((norm, mode, host_scalars, passes), (model, loss_fn)) in enumerate(
                         zip(runs, built)):
                     if park:
                         model.to(args.device)
-                    with fast.fast_path(mode), lean.lean_path(host_scalars):
+                    with (fast.fast_path(mode), lean.lean_path(host_scalars),
+                          moment_passes(passes)):
                         more, peak = time_training(model, loss_fn, dtype, args,
                                                    warmup=None if r == 0 else 0)
                     if park:
@@ -202,12 +212,13 @@ def run(args):
             if args.device.startswith('cuda'):
                 torch.cuda.empty_cache()
             base = None
-            for (norm, mode, host_scalars), ts, peak in zip(runs, times, peaks):
+            for (norm, mode, host_scalars, passes), ts, peak in zip(runs, times, peaks):
                 ms = statistics.median(ts)
                 path = 'reference' if mode == 'off' else \
                     ('fast' if norm != 'BN' and args.device.startswith('cuda') else '-')
-                row = dict(model=name, norm=norm,
-                           path=path if host_scalars else 'device scalars',
+                path = 'device scalars' if not host_scalars else \
+                    'kernel moments' if not passes else path
+                row = dict(model=name, norm=norm, path=path,
                            dtype=dtype, shape=list(shape), ms=ms, peak_mib=peak)
                 if norm == 'BN':
                     base = row

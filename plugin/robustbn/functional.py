@@ -27,6 +27,7 @@ the Function computes their per-layer scalars on the host (``robustbn.lean``).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -68,15 +69,29 @@ def _ones(m: Tensor) -> Tensor:
 
 
 # float32 CPU input: batch_norm_update_stats accumulates in scalar float64 there (about
-# 1 ns per value on one core); three vectorized passes are 1.3-3x faster from about 2^15
+# 1 ns per value on one core); three vectorized passes are 1.3-2.7x faster from 2^16
 # values and planes (H x W) of 256 values on, as long as x - mean stays in cache between
-# two of them (chunks of samples of at most 2^21 values; larger samples keep the kernel,
-# and so do smaller planes, where the passes' per-plane overhead dominates).
-_PASSES_MIN, _PASSES_PLANE, _PASSES_CHUNK = 1 << 15, 256, 1 << 21
+# two of them (chunks of samples of at most 2^20 values; larger samples keep the kernel,
+# and so do smaller planes, where the passes' per-plane overhead dominates). Measured by
+# tools/benchmark_moments.py (docs/benchmarks.md); moment_passes(False) turns them off.
+_PASSES_MIN, _PASSES_PLANE, _PASSES_CHUNK = 1 << 16, 256, 1 << 20
+_passes_on = True
+
+
+@contextlib.contextmanager
+def moment_passes(enabled: bool):
+    """Run a block with the float32 CPU moments by passes on (the default) or off
+    (BatchNorm's statistics kernel everywhere, e.g. to compare the two)."""
+    global _passes_on
+    old, _passes_on = _passes_on, bool(enabled)
+    try:
+        yield
+    finally:
+        _passes_on = old
 
 
 def _passes_apply(x: Tensor) -> bool:
-    if not (x.dtype == torch.float32 and x.dim() > 2 and x.numel() >= _PASSES_MIN
+    if not (_passes_on and x.dtype == torch.float32 and x.dim() > 2 and x.numel() >= _PASSES_MIN
             and lean.applies(x) and x.is_contiguous()):
         return False
     sample = x.numel() // x.size(0)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, AtenOps
+from helpers import ROOT, AtenOps, load_tool
 from test_fast_path import VJP_CASES, _vjp_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -71,8 +71,8 @@ def test_matches_the_reference(est, shape, dtype):
 
 
 # float32 inputs whose moments are computed in vectorized passes (robustbn.functional):
-# 2^15 values and more, planes of 256 and more; a 3D input; one with 5 samples of 3 channels
-PASSES_SHAPES = [(2, 4, 64, 64), (3, 5, 7000), (5, 3, 48, 48)]
+# 2^16 values and more, planes of 256 and more; a 3D input; one with 5 samples of 3 channels
+PASSES_SHAPES = [(2, 4, 64, 128), (3, 5, 7000), (5, 3, 64, 72)]
 
 
 @pytest.mark.parametrize('chunk', [None, 1], ids=['whole', 'per-sample'])
@@ -97,16 +97,28 @@ def test_moments_by_passes_match_the_kernel(shape, shift, chunk, monkeypatch):
 
 
 def test_moments_by_passes_only_where_they_are_faster():
-    from robustbn.functional import _passes_apply
-    x = torch.randn(2, 4, 64, 64)
+    from robustbn.functional import _passes_apply, moment_passes
+    x = torch.randn(2, 4, 64, 128)
+    assert _passes_apply(x)
+    with moment_passes(False):  # the switch (benchmark_train --with-kernel-moments)
+        assert not _passes_apply(x)
     assert _passes_apply(x)
     assert not _passes_apply(x.double())  # the kernel accumulates float64 anyway
     assert not _passes_apply(x.to(memory_format=torch.channels_last))  # vectorized kernel
-    assert not _passes_apply(torch.randn(4, 64, 8, 16))  # planes below 256 values
-    assert not _passes_apply(torch.randn(2, 4, 32, 32))  # below 2^15 values
+    assert not _passes_apply(torch.randn(8, 64, 8, 16))  # planes below 256 values
+    assert not _passes_apply(torch.randn(2, 4, 64, 64))  # below 2^16 values
     assert not _passes_apply(torch.randn(4096, 16))  # (N, C): no planes
     with lean.lean_path(False):  # the reference: the kernel
         assert not _passes_apply(x)
+
+
+def test_benchmark_moments_cpu_smoke(capsys):
+    rows = load_tool('benchmark_moments').main(
+        ['--shapes', '2,4,64,128', '64,3', '--repeats', '1', '--min-seconds', '0.001'])
+    assert [r['default'] for r in rows] == ['passes', 'kernel']
+    assert all(r['kernel_ms'] > 0 and r['passes_ms'] > 0 for r in rows)
+    assert all(r['kernel_err'] < 1e-5 and r['passes_err'] < 1e-5 for r in rows)
+    assert '| 2,4,64,128 |' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('shape', PASSES_SHAPES[:2])
@@ -122,7 +134,7 @@ def test_matches_the_reference_with_moments_by_passes(est, shape):
 
 
 def test_none_is_batchnorm_with_moments_by_passes():
-    x = _input((2, 4, 64, 64), torch.float32).requires_grad_()
+    x = _input((2, 4, 64, 128), torch.float32).requires_grad_()
     bn, layer = torch.nn.BatchNorm2d(4), robustbn.JSBN2d(4, estimator='none')
     grad = torch.randn(x.shape)
     got = [layer(x), *torch.autograd.grad(layer(x), (x, layer.weight), grad)]
