@@ -5,7 +5,7 @@
 # which of the two the layers use by default for each shape. Also the largest relative
 # error of each variance against float64. The two are timed in turns (repeat r of both,
 # then repeat r+1). Use it to check the thresholds in robustbn.functional
-# (_PASSES_MIN, _PASSES_PLANE, _PASSES_CHUNK) on another CPU.
+# (_PASSES_MIN, _PASSES_PLANES, _PASSES_CHUNK) on another CPU.
 #
 #   python tools/benchmark_moments.py [--shapes hrnet resnet small | --shapes 2,18,128,256 ...]
 #       [--repeats 7] [--min-seconds 0.05] [--out moments.json]

@@ -71,10 +71,12 @@ def _ones(m: Tensor) -> Tensor:
 # float32 CPU input: batch_norm_update_stats accumulates in scalar float64 there (about
 # 1 ns per value on one core); three vectorized passes are 1.3-2.7x faster from 2^16
 # values and planes (H x W) of 256 values on, as long as x - mean stays in cache between
-# two of them (chunks of samples of at most 2^20 values; larger samples keep the kernel,
-# and so do smaller planes, where the passes' per-plane overhead dominates). Measured by
+# two of them (chunks of at most 2^20 values: whole samples, or blocks of channels of one
+# sample). Planes below 256 values keep the kernel (the passes' per-plane overhead
+# dominates), and so do planes above 2^16: the passes sum each plane in float32, whose
+# relative error grows with it (about 1e-6 at 2^16 values, 2e-5 at 2^20). Measured by
 # tools/benchmark_moments.py (docs/benchmarks.md); moment_passes(False) turns them off.
-_PASSES_MIN, _PASSES_PLANE, _PASSES_CHUNK = 1 << 16, 256, 1 << 20
+_PASSES_MIN, _PASSES_PLANES, _PASSES_CHUNK = 1 << 16, (256, 1 << 16), 1 << 20
 _passes_on = True
 
 
@@ -94,26 +96,43 @@ def _passes_apply(x: Tensor) -> bool:
     if not (_passes_on and x.dtype == torch.float32 and x.dim() > 2 and x.numel() >= _PASSES_MIN
             and lean.applies(x) and x.is_contiguous()):
         return False
+    plane = x.numel() // (x.size(0) * x.size(1))
+    return _PASSES_PLANES[0] <= plane <= _PASSES_PLANES[1]
+
+
+def _chunks(x: Tensor, c: int):
+    """(part of x, its channels as a slice or None for all) of at most _PASSES_CHUNK values
+    each: contiguous runs of whole samples, else blocks of channels of one sample."""
     sample = x.numel() // x.size(0)
-    return sample <= _PASSES_CHUNK and sample // x.size(1) >= _PASSES_PLANE
+    if sample <= _PASSES_CHUNK:
+        per = _PASSES_CHUNK // sample
+        return [(x, None)] if per >= x.size(0) else [(p, None) for p in torch.split(x, per)]
+    per = max(1, _PASSES_CHUNK // (sample // c))
+    return [(x[i:i + 1, j:j + per], slice(j, min(j + per, c)))
+            for i in range(x.size(0)) for j in range(0, c, per)]
 
 
 def _moments_by_passes(x: Tensor, c: int, n: int):
     """(mean, biased variance) of contiguous float32 CPU x in vectorized passes: the mean
-    (cascade sum), then per chunk of samples d = x - mean (BatchNorm's inference kernel
-    with unit scale: exactly x - mean, so centred like the kernel's two-pass result) and
-    sum(d * d) / N (the weight-gradient sum of BatchNorm's backward kernel with input d,
-    output gradient d, mean 0 and invstd 1/N)."""
+    (cascade sum), then per chunk (:func:`_chunks`) d = x - mean (BatchNorm's inference
+    kernel with unit scale: exactly x - mean, so centred like the kernel's two-pass result)
+    and sum(d * d) / N (the weight-gradient sum of BatchNorm's backward kernel with input
+    d, output gradient d, mean 0 and invstd 1/N), summed over the chunks."""
     mean = x.mean([0] + list(range(2, x.dim())))
     dt = x.dtype
     ones, zeros, n2 = _cpu_full(c, 1.0, dt), _cpu_full(c, 0.0, dt), _cpu_full(c, n * n, dt)
-    per_chunk = _PASSES_CHUNK // (x.numel() // x.size(0))
-    var = None
-    for part in (x,) if per_chunk >= x.size(0) else torch.split(x, per_chunk):
-        d = torch.batch_norm(part, None, None, mean, ones, False, 0.0, _UNIT_EPS, False)
+    chunks = _chunks(x, c)
+    var = None if len(chunks) == 1 else torch.zeros_like(mean)
+    for part, ch in chunks:
+        m, o, z, q = (mean, ones, zeros, n2) if ch is None else \
+            (mean[ch], ones[ch], zeros[ch], n2[ch])
+        d = torch.batch_norm(part, None, None, m, o, False, 0.0, _UNIT_EPS, False)
         s = torch.ops.aten.native_batch_norm_backward(
-            d, d, None, zeros, n2, None, None, False, 0.0, [False, True, False])[1]
-        var = s if var is None else var.add_(s)
+            d, d, None, z, q, None, None, False, 0.0, [False, True, False])[1]
+        if var is None:
+            var = s
+        else:
+            (var if ch is None else var[ch]).add_(s)
     return mean, var
 
 

@@ -75,18 +75,21 @@ def test_matches_the_reference(est, shape, dtype):
 PASSES_SHAPES = [(2, 4, 64, 128), (3, 5, 7000), (5, 3, 64, 72)]
 
 
-@pytest.mark.parametrize('chunk', [None, 1], ids=['whole', 'per-sample'])
+@pytest.mark.parametrize('chunk', [None, 1, 2], ids=['whole', 'samples', 'channel-blocks'])
 @pytest.mark.parametrize('shift', [0.0, 1e3])
 @pytest.mark.parametrize('shape', PASSES_SHAPES)
 def test_moments_by_passes_match_the_kernel(shape, shift, chunk, monkeypatch):
     """Mean and variance as batch_norm_update_stats's (float64-accumulated) ones, also for
-    a mean 1000 standard deviations wide of zero (centred, no cancellation) and in chunks of
-    samples (one sample per chunk)."""
+    a mean 1000 standard deviations wide of zero (centred, no cancellation) and in chunks:
+    one sample each, or blocks of 2 channels of one sample (the last one shorter)."""
     from robustbn import functional as F
+    plane = shape[2] * (shape[3:] or [1])[0]
     if chunk is not None:
-        monkeypatch.setattr(F, '_PASSES_CHUNK', shape[1] * shape[2] * (shape[3:] or [1])[0])
+        monkeypatch.setattr(F, '_PASSES_CHUNK', plane * (shape[1] if chunk == 1 else 2))
     x = _input(shape, torch.float32) + shift
     assert F._passes_apply(x)
+    parts = F._chunks(x, shape[1])
+    assert len(parts) == {None: 1, 1: shape[0], 2: shape[0] * ((shape[1] + 1) // 2)}[chunk]
     n, mean, var = F.local_moments(x)
     want_mean, want_var = torch.batch_norm_update_stats(x, None, None, 0.0)
     v64, m64 = torch.var_mean(x.double(), [0] + list(range(2, x.dim())), correction=0)
@@ -106,6 +109,8 @@ def test_moments_by_passes_only_where_they_are_faster():
     assert not _passes_apply(x.double())  # the kernel accumulates float64 anyway
     assert not _passes_apply(x.to(memory_format=torch.channels_last))  # vectorized kernel
     assert not _passes_apply(torch.randn(8, 64, 8, 16))  # planes below 256 values
+    assert not _passes_apply(torch.randn(1, 1, 256, 257))  # planes above 2^16 values
+    assert _passes_apply(torch.randn(1, 1, 256, 256))
     assert not _passes_apply(torch.randn(2, 4, 64, 64))  # below 2^16 values
     assert not _passes_apply(torch.randn(4096, 16))  # (N, C): no planes
     with lean.lean_path(False):  # the reference: the kernel
