@@ -69,13 +69,14 @@ def _ones(m: Tensor) -> Tensor:
 
 
 # float32 CPU input: batch_norm_update_stats accumulates in scalar float64 there (about
-# 1 ns per value on one core); three vectorized passes are 1.3-2.7x faster from 2^16
+# 1 ns per value on one core); three vectorized passes are 1.7-2.7x faster from 2^16
 # values and planes (H x W) of 256 values on, as long as x - mean stays in cache between
 # two of them (chunks of at most 2^20 values: whole samples, or blocks of channels of one
 # sample). Planes below 256 values keep the kernel (the passes' per-plane overhead
 # dominates), and so do planes above 2^16: the passes sum each plane in float32, whose
-# relative error grows with it (about 1e-6 at 2^16 values, 2e-5 at 2^20). Measured by
-# tools/benchmark_moments.py (docs/benchmarks.md); moment_passes(False) turns them off.
+# relative error grows with it (2e-6 at 2^17 values, 2e-5 at 2^20; below 1e-6 here).
+# Measured by tools/benchmark_moments.py (docs/benchmarks.md); moment_passes(False) turns
+# them off.
 _PASSES_MIN, _PASSES_PLANES, _PASSES_CHUNK = 1 << 16, (256, 1 << 16), 1 << 20
 _passes_on = True
 
