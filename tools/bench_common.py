@@ -1,10 +1,24 @@
-# What tools/benchmark_norm.py and tools/benchmark_train.py share: device synchronization,
-# the device and version line of their tables, number formatting and the run's main().
+# What the tools/benchmark_*.py scripts share: device synchronization, the device and
+# version line of their tables, number formatting, the layer shapes and the run's main().
 import json
 import platform
 from pathlib import Path
 
 import torch
+
+# Norm-layer inputs (N,C,H,W): HRNet-W18's branches at 512x1024, ResNet-50's at batch 64, 224
+SHAPES = {'hrnet': ['2,18,128,256', '2,36,64,128', '2,72,32,64', '2,144,16,32'],
+          'resnet': ['64,64,56,56', '64,256,56,56', '64,512,28,28', '64,1024,14,14',
+                     '64,2048,7,7']}
+
+
+def parse_shapes(names, named=SHAPES) -> list:
+    """Shapes as int tuples from names (keys of ``named``) or comma-separated sizes;
+    ValueError for anything else."""
+    out = []
+    for name in names:
+        out += named.get(name, [name])
+    return [tuple(int(v) for v in shape.split(',')) for shape in out]
 
 
 def sync(device: str) -> None:

@@ -18,16 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
-from bench_common import bench_main, device_name, fmt, versions  # noqa: E402
+from bench_common import SHAPES, bench_main, device_name, fmt, parse_shapes, versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
-SHAPES = {
-    'hrnet': ['2,18,128,256', '2,36,64,128', '2,72,32,64', '2,144,16,32'],
-    'resnet': ['64,64,56,56', '64,256,56,56', '64,512,28,28', '64,1024,14,14', '64,2048,7,7'],
-    # around the thresholds: few values, small planes, (N, C) input
-    'small': ['2,18,32,32', '8,64,8,8', '256,64,2,2', '4096,16'],
-}
+# around the thresholds: few values, small planes, (N, C) input
+NAMED = dict(SHAPES, small=['2,18,32,32', '8,64,8,8', '256,64,2,2', '4096,16'])
 
 
 def parse_args(argv=None):
@@ -39,15 +35,12 @@ def parse_args(argv=None):
                         help='each repeat runs a variant at least this long')
     parser.add_argument('--out', default=None, help='also write the rows as JSON')
     args = parser.parse_args(argv)
+    try:
+        args.shapes = parse_shapes(args.shapes, NAMED)
+    except ValueError:
+        parser.error(f'shapes are N,C,... (or hrnet/resnet/small), got {args.shapes}')
     args.device = 'cpu'
     return args
-
-
-def _shapes(names):
-    out = []
-    for name in names:
-        out += SHAPES[name] if name in SHAPES else [name]
-    return [tuple(int(s) for s in shape.split(',')) for shape in out]
 
 
 def _per_call_ms(fn, min_seconds: float) -> float:
@@ -63,7 +56,7 @@ def _per_call_ms(fn, min_seconds: float) -> float:
 def run(args):
     from robustbn import functional as F
     rows = []
-    for shape in _shapes(args.shapes):
+    for shape in args.shapes:
         x = torch.randn(shape) * 3 + 10  # a mean several standard deviations from zero
         c, n = x.size(1), x.numel() // x.size(1)
         dims = [0] + list(range(2, x.dim()))

@@ -29,12 +29,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
-from bench_common import bench_main, device_name, fmt, sync, versions  # noqa: E402
+from bench_common import bench_main, device_name, fmt, parse_shapes, sync, versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
-HRNET = ['2,18,128,256', '2,36,64,128', '2,72,32,64', '2,144,16,32']
-RESNET = ['64,64,56,56', '64,256,56,56', '64,512,28,28', '64,1024,14,14', '64,2048,7,7']
 LAYERS = ['bn', 'jsbn', 'jsbn_ref', 'jsbn_dev', 'jsbn_none', 'gprebn', 'gprebn_ref',
           'gprebn_dev', 'syncbn', 'syncjsbn']
 # _ref: the fast path off (on CPU that is the lean path, robustbn/lean.py); _dev: the
@@ -61,11 +59,8 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the rows as JSON here')
     args = parser.parse_args(argv)
-    shapes = []
-    for s in args.shapes:
-        shapes += {'hrnet': HRNET, 'resnet': RESNET}.get(s, [s])
     try:
-        args.shapes = [tuple(int(v) for v in s.split(',')) for s in shapes]
+        args.shapes = parse_shapes(args.shapes)
     except ValueError:
         parser.error(f'shapes are N,C,H,W (or hrnet/resnet), got {args.shapes}')
     if any(len(s) != 4 for s in args.shapes):
