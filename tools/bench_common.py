@@ -21,6 +21,19 @@ def parse_shapes(names, named=SHAPES) -> list:
     return [tuple(int(v) for v in shape.split(',')) for shape in out]
 
 
+def shapes_arg(parser, names, named=SHAPES, form='N,C,H,W', four_d=True, min_channels=1):
+    """:func:`parse_shapes` for a script's ``--shapes``, or the parser's error: shapes
+    written as ``form`` or named by a key of ``named``; ``four_d``: only N,C,H,W."""
+    try:
+        shapes = parse_shapes(names, named)
+    except ValueError:
+        parser.error(f"shapes are {form} (or {'/'.join(named)}), got {names}")
+    if any((four_d and len(s) != 4) or len(s) < 2 or s[1] < min_channels for s in shapes):
+        parser.error(f'shapes are N,C,H,W with C >= {min_channels}' if four_d else
+                     f'shapes are N,C,... with C >= {min_channels}')
+    return shapes
+
+
 def sync(device: str) -> None:
     if device.startswith('cuda'):
         torch.cuda.synchronize()

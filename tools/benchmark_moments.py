@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
-from bench_common import SHAPES, bench_main, device_name, fmt, parse_shapes, versions  # noqa: E402
+from bench_common import SHAPES, bench_main, device_name, fmt, shapes_arg, versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
@@ -35,10 +35,7 @@ def parse_args(argv=None):
                         help='each repeat runs a variant at least this long')
     parser.add_argument('--out', default=None, help='also write the rows as JSON')
     args = parser.parse_args(argv)
-    try:
-        args.shapes = parse_shapes(args.shapes, NAMED)
-    except ValueError:
-        parser.error(f'shapes are N,C,... (or hrnet/resnet/small), got {args.shapes}')
+    args.shapes = shapes_arg(parser, args.shapes, NAMED, form='N,C,...', four_d=False)
     args.device = 'cpu'
     return args
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
-from bench_common import bench_main, device_name, fmt, parse_shapes, sync, versions  # noqa: E402
+from bench_common import bench_main, device_name, fmt, shapes_arg, sync, versions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
@@ -59,12 +59,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the rows as JSON here')
     args = parser.parse_args(argv)
-    try:
-        args.shapes = parse_shapes(args.shapes)
-    except ValueError:
-        parser.error(f'shapes are N,C,H,W (or hrnet/resnet), got {args.shapes}')
-    if any(len(s) != 4 for s in args.shapes):
-        parser.error('shapes are N,C,H,W')
+    args.shapes = shapes_arg(parser, args.shapes)
     return args
 
 

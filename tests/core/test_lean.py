@@ -130,6 +130,18 @@ def test_benchmark_moments_cpu_smoke(capsys):
     assert '| 2,4,64,128 |' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('tool,shapes,message', [
+    ('benchmark_moments', ['2,x,8'], 'shapes are N,C,... (or hrnet/resnet/small)'),
+    ('benchmark_moments', ['16'], 'shapes are N,C,... with C >= 1'),
+    ('benchmark_norm', ['2,8,8'], 'shapes are N,C,H,W with C >= 1'),
+    ('benchmark_norm', ['big'], 'shapes are N,C,H,W (or hrnet/resnet)'),
+    ('benchmark_native', ['2,2,8,8'], 'shapes are N,C,H,W with C >= 3')])
+def test_benchmark_shapes_are_checked(tool, shapes, message, capsys):
+    with pytest.raises(SystemExit):
+        load_tool(tool).parse_args(['--shapes', *shapes])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('shape', PASSES_SHAPES[:2])
 @pytest.mark.parametrize('est', ['none', 'paper', 'classic'])
 def test_matches_the_reference_with_moments_by_passes(est, shape):
