@@ -1,7 +1,10 @@
 # What the tools/benchmark_*.py scripts share: device synchronization, the device and
-# version line of their tables, number formatting, the layer shapes and the run's main().
+# version line of their tables, number formatting, the layer shapes, timing layers in
+# turns and the run's main().
 import json
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +40,24 @@ def shapes_arg(parser, names, named=SHAPES, form='N,C,H,W', four_d=True, min_cha
 def sync(device: str) -> None:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
+
+
+def wall_ms(steps, x, g, args) -> list:
+    """Median over repeats of the eager wall time per iteration of each step, the steps
+    timed in turns."""
+    for step in steps:
+        for _ in range(args.warmup):
+            step(x, g)
+    times = [[] for _ in steps]
+    for _ in range(args.repeats):
+        for step, t in zip(steps, times):
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step(x, g)
+            sync(args.device)
+            t.append((time.perf_counter() - start) / args.iters * 1000)
+    return [statistics.median(t) for t in times]
 
 
 def device_name(device: str) -> str:

@@ -14,16 +14,14 @@
 #       [--iters 20] [--repeats 9] [--out native.json]
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
-from bench_common import bench_main, device_name, fmt, shapes_arg, versions  # noqa: E402
+from bench_common import bench_main, device_name, fmt, shapes_arg, versions, wall_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 from robustbn import JSBN2d, functional  # noqa: E402
@@ -125,18 +123,8 @@ def run(args):
         x = torch.randn(shape, requires_grad=True)
         g = torch.randn(shape)
         layers = _layers(shape[1], ext)
-        steps = {name: (lambda layer=layer: layer(x).backward(g)) for name, layer in layers.items()}
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        times = {name: [] for name in steps}
-        for _ in range(args.repeats):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    step()
-                times[name].append((time.perf_counter() - start) / args.iters * 1000)
-        ms = {name: statistics.median(t) for name, t in times.items()}
+        steps = [lambda x, g, layer=layer: layer(x).backward(g) for layer in layers.values()]
+        ms = dict(zip(layers, wall_ms(steps, x, g, args)))
         rows.append(dict(shape=list(shape), max_rel_diff=err, ms=ms))
     return rows
 

@@ -20,16 +20,14 @@ import argparse
 import contextlib
 import os
 import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/bench_common.py
-from bench_common import bench_main, device_name, fmt, shapes_arg, sync, versions  # noqa: E402
+from bench_common import bench_main, device_name, fmt, shapes_arg, sync, versions, wall_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'plugin'))
 
@@ -147,24 +145,6 @@ def inputs(shape, dtype: str, layout: str, device: str):
         x = x.contiguous(memory_format=torch.channels_last)
         g = g.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(), g
-
-
-def wall_ms(steps, x, g, args) -> list:
-    """Median over repeats of the eager wall time per iteration of each step, the steps
-    timed in turns."""
-    for step in steps:
-        for _ in range(args.warmup):
-            step(x, g)
-    times = [[] for _ in steps]
-    for _ in range(args.repeats):
-        for step, t in zip(steps, times):
-            sync(args.device)
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                step(x, g)
-            sync(args.device)
-            t.append((time.perf_counter() - start) / args.iters * 1000)
-    return [statistics.median(t) for t in times]
 
 
 def kernel_stats(step, x, g, args, iters: int = 10):
